@@ -1,0 +1,3 @@
+from nestlearn.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""``nestlearn train [CONFIG] [overrides] [--resume RUN_DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+
+from nestlearn.cli.common import add_config_args, config_from_args, split_config_arg
+from nestlearn.config import parse_overrides
+from nestlearn.errors import ConfigError
+from nestlearn.train import Trainer
+
+
+def add_parser(sub, name: str) -> None:
+    parser = sub.add_parser(name, help="train a language model", description=__doc__)
+    add_config_args(parser)
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue a run from its newest valid checkpoint (a run or checkpoint folder); "
+        "overrides may change train.*/eval.*, not model.*/data.*",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume:
+        config, overrides = split_config_arg(args)
+        if config is not None:
+            raise ConfigError(
+                "--resume takes its config from the checkpoint; drop the config name "
+                f"'{config}' (overrides like train.steps=... are allowed)"
+            )
+        trainer = Trainer.from_checkpoint(args.resume, parse_overrides(overrides))
+    else:
+        trainer = Trainer(config_from_args(args))
+    result = trainer.fit()
+    ev = result.final_eval
+    state = "interrupted; checkpoint saved" if result.interrupted else "done"
+    scores = f", val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}, bpb {ev['bpb']:.4f}" if ev else ""
+    print(f"{state}: step {result.step}{scores} -> {result.checkpoint}")
+    return 0

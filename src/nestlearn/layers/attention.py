@@ -1,0 +1,81 @@
+"""Causal multi-head self-attention with RoPE, grouped-query heads and a static KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nestlearn.layers.rope import apply_rope
+
+
+class CausalSelfAttention(nn.Module):
+    """``softmax(q kᵀ / sqrt(D) + causal mask) v`` per head, then an output projection.
+
+    ``q, k, v`` come from one fused projection ``qkv: dim -> (H + 2·H_kv)·D`` (no bias), with
+    ``D = dim / n_heads``. Grouped-query attention: query head ``h`` reads key/value head
+    ``h // (H / H_kv)``; ``n_kv_heads = n_heads`` is ordinary multi-head attention. Queries and
+    keys are rotated by RoPE at their absolute positions; the cache holds rotated keys.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if dim % n_heads or n_heads % n_kv_heads:
+            raise ValueError(
+                f"dim={dim} must be divisible by n_heads={n_heads}, "
+                f"and n_heads by n_kv_heads={n_kv_heads}"
+            )
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = dim // n_heads
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pos: int = 0,
+    ) -> torch.Tensor:
+        """Attend ``x [B, T, dim]`` causally; returns ``[B, T, dim]``.
+
+        ``cos, sin``: full RoPE tables ``[L, D]``. Without a cache, ``x`` is the whole sequence
+        from position 0. With ``cache = (k_cache, v_cache)``, each ``[B, H_kv, L, D]``, ``x``
+        holds positions ``pos .. pos+T-1``: their keys/values are written into the cache *in
+        place* at those positions, and the queries attend over cache positions ``0 .. pos+T-1``.
+        """
+        B, T, _ = x.shape
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
+        v = v.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
+        q = apply_rope(q, cos, sin, offset=pos)
+        k = apply_rope(k, cos, sin, offset=pos)
+
+        end = pos + T
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, pos:end] = k
+            v_cache[:, :, pos:end] = v
+            # Under autocast the cache keeps the parameters' dtype while q is in bf16.
+            k = k_cache[:, :, :end].to(q.dtype)  # [B, H_kv, pos+T, D]
+            v = v_cache[:, :, :end].to(q.dtype)  # [B, H_kv, pos+T, D]
+        if H_kv != H:
+            k = k.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, D]
+            v = v.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, D]
+
+        if pos == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # is_causal aligns the mask top-left; after a prefix, query i sits at pos + i and
+            # sees keys 0 .. pos+i, so the mask is built explicitly.
+            key_pos = torch.arange(end, device=x.device)
+            query_pos = torch.arange(pos, end, device=x.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # [T, pos+T]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H·D]
+        return self.out(y)

@@ -1,0 +1,17 @@
+"""Language models: the common interface, the registry and the built-in architectures."""
+
+from nestlearn.models.base import LanguageModel, State
+from nestlearn.models.registry import available_models, build_model, register_model
+
+# Importing an architecture's module registers it.
+from nestlearn.models.transformer import Transformer, TransformerConfig
+
+__all__ = [
+    "LanguageModel",
+    "State",
+    "Transformer",
+    "TransformerConfig",
+    "available_models",
+    "build_model",
+    "register_model",
+]

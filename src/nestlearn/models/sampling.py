@@ -1,0 +1,96 @@
+"""Next-token sampling (temperature, top-k, nucleus) and streaming generation with a state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from nestlearn.models.base import LanguageModel
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token per row of ``logits [B, V]``; returns ``[B]`` (long).
+
+    ``temperature = 0`` is greedy (argmax; ``top_k``/``top_p`` are then irrelevant). Otherwise
+    ``p ∝ exp(logits / temperature)`` restricted to the ``top_k`` largest logits (0 = all), then
+    to the nucleus: the smallest set of most likely tokens whose mass is ``>= top_p`` (1 = all),
+    which always holds at least the most likely token. Draws use ``generator``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off)")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+
+    logits = logits.float() / temperature  # [B, V]
+    if 0 < top_k < logits.shape[-1]:
+        top = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        probs = sorted_logits.softmax(dim=-1)
+        # A token is dropped once the more likely ones before it already reach top_p; the first
+        # token has nothing before it, so it is always kept.
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop = torch.zeros_like(mass_before, dtype=torch.bool)
+        drop = drop.scatter(-1, order, mass_before >= top_p)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: LanguageModel,
+    prompt_ids: list[int] | torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each new token ``[B]`` as soon as it is sampled (streaming).
+
+    ``prompt_ids``: a list of ids (batch 1) or ``[B, T]``. One prefill ``forward`` over the
+    prompt from ``model.init_state``, then one single-token ``forward`` per new token, all under
+    ``torch.inference_mode`` (active only while the generator runs, not between yields; the
+    yielded tensors are inference tensors). Stops after ``max_new_tokens``, after ``eos_id``
+    (once every row has produced it; the eos token is yielded), or when the next token could not
+    be fed back without exceeding ``max_seq_len``: each token is predicted from at most
+    ``max_seq_len`` tokens of context, so at most ``max_seq_len - T + 1`` tokens come out.
+    A prompt longer than ``max_seq_len`` raises :class:`~nestlearn.errors.SequenceTooLongError`.
+    """
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    if tokens.ndim == 1:
+        tokens = tokens[None]  # [1, T]
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"prompt must be a non-empty list of ids or [B, T], got {prompt_ids!r}")
+    B, T = tokens.shape
+    if max_new_tokens <= 0:
+        return
+
+    state = model.init_state(B, device)
+    logits, state = model(tokens, state)  # [B, T, V]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for n in range(max_new_tokens):
+        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
+        yield token
+        if eos_id is not None:
+            done |= token == eos_id
+            if bool(done.all()):
+                return
+        if n + 1 == max_new_tokens or T + n + 1 > model.config.max_seq_len:
+            return
+        logits, state = model(token[:, None], state)  # [B, 1, V]

@@ -1,0 +1,211 @@
+"""A Llama-style decoder-only Transformer (Transformer++): RMSNorm, RoPE, SwiGLU, no biases.
+
+tokens -> embed -> n_layers x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> head -> logits
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nestlearn.config.schema import ModelConfig
+from nestlearn.errors import ConfigError, DataError, SequenceTooLongError
+from nestlearn.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
+from nestlearn.models.base import LanguageModel, State
+from nestlearn.models.registry import register_model
+
+
+@dataclass(kw_only=True)
+class TransformerConfig(ModelConfig):
+    """The Transformer's fields on top of :class:`ModelConfig`."""
+
+    n_heads: int = 4  # query heads; d_model / n_heads is the head dimension
+    n_kv_heads: int = 0  # key/value heads for grouped-query attention (0 = n_heads)
+    mlp_hidden: int = 0  # SwiGLU width (0 = 8/3 * d_model rounded up to a multiple of 32)
+    rope_theta: float = 10000.0  # RoPE base: position p rotates channel pair i by p·θ^(-2i/D)
+
+
+def default_mlp_hidden(d_model: int) -> int:
+    """``8/3 · d_model`` (same parameters as a 4x GELU MLP) rounded up to a multiple of 32."""
+    return 32 * math.ceil(8 * d_model / 3 / 32)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: TransformerConfig, n_kv_heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, n_kv_heads)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, mlp_hidden)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pos: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@register_model("transformer", TransformerConfig)
+class Transformer(LanguageModel):
+    """Decoder-only Transformer; ``forward(tokens [B, T]) -> logits [B, T, vocab]``.
+
+    Decoding state (:meth:`init_state`): ``"pos"`` (0-d long tensor, tokens seen so far) and, per
+    block ``i``, ``"k.{i}"`` / ``"v.{i}"``: RoPE-rotated keys and values ``[B, H_kv,
+    max_seq_len, D]``, valid at positions ``< pos``.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        _validate(config)
+        self.config = config
+        self.n_kv_heads = config.n_kv_heads or config.n_heads
+        self.head_dim = config.d_model // config.n_heads
+        self.mlp_hidden = config.mlp_hidden or default_mlp_hidden(config.d_model)
+
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            Block(config, self.n_kv_heads, self.mlp_hidden) for _ in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # One Parameter under two names: named_parameters() lists it once (as embed.weight),
+            # state_dict() twice; safetensors' save_model/load_model handle the sharing.
+            self.head.weight = self.embed.weight
+
+        # Computed, never saved: checkpoints stay valid if the table code changes.
+        cos, sin = rope_tables(self.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, D]
+        self.register_buffer("rope_sin", sin, persistent=False)  # [max_seq_len, D]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, norm gains 1; residual outputs std / sqrt(2·n_layers).
+
+        The residual stream sums 2·n_layers branch outputs, so scaling the projections that write
+        into it keeps its variance independent of depth (GPT-2).
+        """
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.w2.weight, mean=0.0, std=residual_std)
+
+    def forward(
+        self, tokens: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, State | None]:
+        """Logits ``[B, T, vocab]`` for ``tokens [B, T]``; with a state, continue from it.
+
+        With a state the new keys/values are written *in place* into the state's cache tensors,
+        which the returned state shares; the input dict itself is not modified (its ``"pos"``
+        keeps the old value). Continuing twice from the same state (branching) overwrites the
+        shared cache, so clone a state first to keep it (``{k: v.clone() for k, v in ...}``).
+        """
+        pos = 0 if state is None else int(state["pos"])
+        self._check_tokens(tokens, pos, state is not None)
+        T = tokens.shape[1]
+
+        x = self.embed(tokens)  # [B, T, d_model]
+        for i, block in enumerate(self.blocks):
+            cache = None if state is None else (state[f"k.{i}"], state[f"v.{i}"])
+            x = block(x, self.rope_cos, self.rope_sin, cache, pos)
+        logits = self.head(self.norm(x))  # [B, T, vocab]
+
+        if state is None:
+            return logits, None
+        return logits, {**state, "pos": state["pos"] + T}
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        """An empty KV cache (zeros) for ``batch_size`` sequences, in the parameters' dtype."""
+        param = self.embed.weight
+        device = param.device if device is None else device
+        shape = (batch_size, self.n_kv_heads, self.config.max_seq_len, self.head_dim)
+        state: State = {"pos": torch.zeros((), dtype=torch.long, device=device)}
+        for i in range(self.config.n_layers):
+            state[f"k.{i}"] = torch.zeros(shape, dtype=param.dtype, device=device)
+            state[f"v.{i}"] = torch.zeros(shape, dtype=param.dtype, device=device)
+        return state
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training (forward + backward) FLOPs per token, PaLM (Chowdhery et al. 2022, App. B).
+
+        ``6·N + 12·n_layers·d_model·seq_len``: ``N`` counts the weights of every matmul (q/k/v,
+        attention output, the three SwiGLU maps and the output head, which costs its matmul even
+        when tied) but not the embedding lookup or norm gains; each weight costs 2 FLOPs forward
+        and 4 backward. The second term is ``q kᵀ`` and ``attn·v`` (2·2·d_model·seq_len forward
+        per layer, x3 with backward), counted over the full ``seq_len`` as PaLM does (no causal
+        halving).
+        """
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        cfg = self.config
+        return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+    def _check_tokens(self, tokens: torch.Tensor, pos: int, has_state: bool) -> None:
+        if tokens.ndim != 2:
+            raise ValueError(
+                f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}; "
+                "add a batch dimension with tokens[None]"
+            )
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer ids (torch.long), got dtype {tokens.dtype}")
+        T = tokens.shape[1]
+        if T == 0:
+            raise ValueError("tokens is empty: give at least one token per sequence")
+        limit = self.config.max_seq_len
+        if pos + T > limit:
+            where = f"{pos} cached + {T} new tokens" if has_state else f"{T} tokens"
+            raise SequenceTooLongError(
+                f"{where} exceed model.max_seq_len={limit}; shorten the input or use a model "
+                f"built with a larger model.max_seq_len"
+            )
+        # One host sync; skipped under torch.compile so the graph does not break.
+        if not torch.compiler.is_compiling():
+            vocab = self.config.vocab_size
+            if bool(((tokens < 0) | (tokens >= vocab)).any()):
+                bad = tokens[(tokens < 0) | (tokens >= vocab)][0].item()
+                raise DataError(
+                    f"token id {bad} is outside the model's vocabulary [0, {vocab}); "
+                    "the tokenizer does not match model.vocab_size"
+                )
+
+
+def _validate(cfg: TransformerConfig) -> None:
+    """Raise a :class:`ConfigError` naming the field and the fix for an impossible config."""
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"model.{name}={getattr(cfg, name)} must be > 0")
+    for name in ("n_kv_heads", "mlp_hidden"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"model.{name}={getattr(cfg, name)} must be >= 0 (0 = default)")
+    if cfg.d_model % cfg.n_heads:
+        raise ConfigError(
+            f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}; "
+            "choose n_heads dividing d_model"
+        )
+    n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+    if cfg.n_heads % n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={n_kv_heads}; "
+            "each key/value head serves a whole group of query heads"
+        )
+    if cfg.rope_theta <= 0:
+        raise ConfigError(f"model.rope_theta={cfg.rope_theta} must be > 0")
+    if cfg.norm_eps <= 0:
+        raise ConfigError(f"model.norm_eps={cfg.norm_eps} must be > 0")
+    if cfg.init_std < 0:
+        raise ConfigError(f"model.init_std={cfg.init_std} must be >= 0")

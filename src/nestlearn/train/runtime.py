@@ -1,0 +1,67 @@
+"""Device, precision, threads and seeds: the run's physical setting, resolved once."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nestlearn.config.schema import TrainConfig
+from nestlearn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # "fp32" or "bf16" (autocast)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on the run's device, or a no-op in fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def autocast_factory(self) -> Callable[[], contextlib.AbstractContextManager]:
+        return self.autocast
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device='{name}' is not a device (try auto, cpu, cuda)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device asks for CUDA but none is available; use train.device=cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on CUDA devices that support it, fp32 elsewhere.
+
+    On CPU, bf16 autocast is slower than fp32 on most machines and breaks bit-exact comparisons,
+    so it is used only when asked for explicitly.
+    """
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    return precision
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    return Runtime(device=device, precision=resolve_precision(cfg.precision, device))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,414 @@
+"""The training loop: next-token cross-entropy, AdamW, warmup + cosine, exact resume.
+
+Exactness: the batch of step ``s`` is a pure function of ``(train.seed, s)`` (see
+:func:`nestlearn.data.train_batch`), and a checkpoint holds the weights, optimizer and scheduler
+state, every RNG and the loop's own accumulators. Resuming from step ``N`` therefore replays steps
+``N+1..`` exactly as an uninterrupted run would (on the same device and thread count).
+
+Interruption: the first Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint
+and returns normally; a second one aborts at once.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from nestlearn.config.loader import save_config, to_dict
+from nestlearn.config.schema import RunConfig
+from nestlearn.data import TokenizedCorpus, eval_batches, prepare_data, train_batch
+from nestlearn.errors import CheckpointError, ConfigError, NonFiniteLossError
+from nestlearn.eval.perplexity import evaluate_lm, unigram_metrics
+from nestlearn.models.registry import build_model
+from nestlearn.models.summary import count_parameters
+from nestlearn.train.checkpoint import (
+    list_checkpoints,
+    load_weights,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from nestlearn.train.metrics import MetricsLog, read_metrics
+from nestlearn.train.optim import build_optimizer, build_scheduler
+from nestlearn.train.report import markdown_table, plot_losses, write_markdown
+from nestlearn.train.runtime import Runtime, seed_everything, setup_runtime
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run reports."""
+
+    run_dir: Path
+    step: int
+    interrupted: bool
+    n_params: int
+    tokens_seen: int
+    train_seconds: float
+    tokens_per_s: float
+    final_eval: dict[str, float]  # empty if interrupted before any validation
+    unigram_eval: dict[str, float]
+    checkpoint: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM -> a flag checked between steps; a second signal raises at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _resolve_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
+    if cfg.model.vocab_size == 0:
+        return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size))
+    if cfg.model.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{vocab_size}; set model.vocab_size=0 to take it from the tokenizer"
+        )
+    return cfg
+
+
+def _run_dir_of(checkpoint: Path) -> Path:
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+class Trainer:
+    """Builds data, model and optimizer from a :class:`RunConfig` and trains.
+
+    Use :meth:`from_checkpoint` to resume; a fresh run refuses a run folder that already holds
+    checkpoints (nothing good is overwritten).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        corpus: TokenizedCorpus | None = None,
+        _resume: Any = None,
+    ) -> None:
+        self.runtime: Runtime = setup_runtime(cfg.train)
+        self.run_dir = Path(cfg.train.out_dir)
+        if _resume is None and list_checkpoints(self.run_dir):
+            raise CheckpointError(
+                f"{self.run_dir} already holds checkpoints; resume it with "
+                f"`nestlearn train --resume {self.run_dir}` or set train.out_dir to a new folder"
+            )
+        progress = cfg.train.progress
+        tokenizer = _resume.tokenizer if _resume is not None else None
+        self.corpus = corpus or prepare_data(cfg.data, tokenizer=tokenizer, progress=progress)
+        self.cfg = _resolve_vocab(cfg, self.corpus.tokenizer.vocab_size)
+        self.token_bytes = self.corpus.tokenizer.token_byte_lengths()
+        seed_everything(self.cfg.train.seed)
+        self.model = build_model(self.cfg.model).to(self.runtime.device)
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.steps)
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self._loss_sum, self._loss_count = 0.0, 0
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.last_checkpoint: Path | None = None
+        if _resume is not None:
+            self._restore(_resume)
+        else:
+            self.metrics.reset()
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        self.corpus.tokenizer.save(self.run_dir / "tokenizer.json")
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: Path, overrides: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Trainer:
+        """Resume from a run folder (its newest valid checkpoint) or a checkpoint folder.
+
+        Overrides may change the loop (``train.steps``, logging, eval), never the model or data:
+        those must match the checkpoint exactly.
+        """
+        from nestlearn.config.loader import replace as replace_cfg
+
+        loaded = read_checkpoint(path)
+        cfg = replace_cfg(loaded.config, overrides or {})
+        changed = [
+            f"{section}.{key}"
+            for section in ("model", "data")
+            for key, value in to_dict(cfg)[section].items()
+            if to_dict(loaded.config)[section][key] != value
+        ]
+        if changed:
+            raise CheckpointError(
+                f"cannot change {', '.join(changed)} when resuming {loaded.path}; "
+                "start a new run (train.out_dir=...) instead"
+            )
+        run_dir = _run_dir_of(loaded.path)
+        cfg = replace(cfg, train=replace(cfg.train, out_dir=str(run_dir)))
+        return cls(cfg, _resume=loaded, **kwargs)
+
+    def _restore(self, loaded) -> None:
+        load_weights(self.model, loaded.path, device=self.runtime.device)
+        state = loaded.trainer_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.train_seconds = float(state["train_seconds"])
+        self._loss_sum = float(state["loss_sum"])
+        self._loss_count = int(state["loss_count"])
+        self.metrics.truncate_after(self.step)
+        self.last_checkpoint = loaded.path
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            # The data position: batches are a pure function of (seed, step).
+            "data": {"seed": self.cfg.train.seed, "next_step": self.step},
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "loss_sum": self._loss_sum,
+            "loss_count": self._loss_count,
+        }
+
+    def save(self) -> Path:
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir,
+            self.step,
+            model=self.model,
+            trainer_state=self.trainer_state(),
+            cfg=self.cfg,
+            tokenizer=self.corpus.tokenizer,
+            keep_last=self.cfg.train.keep_last,
+        )
+        return self.last_checkpoint
+
+    def _non_finite(self, what: str, value: float) -> NonFiniteLossError:
+        step = self.step + 1
+        last = self.last_checkpoint or "none yet"
+        return NonFiniteLossError(
+            f"{what} became {value} at step {step}; stopped before applying it. Last good "
+            f"checkpoint: {last}. Lower optim.lr or raise optim.warmup_steps, then resume "
+            "from it (or start again)"
+        )
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
+        tc = self.cfg.train
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(tc.grad_accum):
+            x, y = train_batch(
+                self.corpus.train,
+                step=self.step,
+                micro_step=micro,
+                batch_size=tc.batch_size,
+                seq_len=tc.seq_len,
+                seed=tc.seed,
+            )
+            x, y = x.to(self.runtime.device), y.to(self.runtime.device)
+            with self.runtime.autocast():
+                logits, _ = self.model(x)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise self._non_finite("the training loss", value)
+            (loss / tc.grad_accum).backward()
+            total += value / tc.grad_accum
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not math.isfinite(grad_norm):
+            raise self._non_finite("the gradient norm", grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += tc.grad_accum * tc.batch_size * tc.seq_len
+        return total, grad_norm
+
+    def eval_windows(self, tokens: np.ndarray):
+        ec = self.cfg.eval
+        return eval_batches(
+            tokens,
+            batch_size=ec.batch_size,
+            seq_len=ec.seq_len or self.cfg.train.seq_len,
+            max_tokens=ec.max_tokens,
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_lm(
+            self.model,
+            self.eval_windows(self.corpus.val),
+            self.token_bytes,
+            device=self.runtime.device,
+            autocast=self.runtime.autocast,
+        )
+
+    def unigram_baseline(self) -> dict[str, float]:
+        targets = np.concatenate([y.numpy().ravel() for _, y in self.eval_windows(self.corpus.val)])
+        return unigram_metrics(
+            self.corpus.train, targets, self.corpus.tokenizer.vocab_size, self.token_bytes
+        )
+
+    def _log_eval(self) -> dict[str, float]:
+        result = self.evaluate()
+        self.metrics.write(
+            {"kind": "eval", "step": self.step, "tokens": self.tokens_seen, **result}
+        )
+        return result
+
+    def _last_eval(self) -> dict[str, float]:
+        evals = [r for r in read_metrics(self.metrics.path) if r.get("kind") == "eval"]
+        keys = ("loss", "ppl", "bpb", "tokens")
+        return {k: evals[-1][k] for k in keys} if evals else {}
+
+    def fit(self) -> TrainResult:
+        tc = self.cfg.train
+        interrupted = False
+        window_tokens, window_time = 0, 0.0
+        bar = tqdm(
+            total=tc.steps,
+            initial=self.step,
+            disable=not tc.progress,
+            desc=self.cfg.name,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        deadline = time.monotonic() + tc.max_minutes * 60 if tc.max_minutes > 0 else None
+        with _StopRequest() as stop, bar:
+            while self.step < tc.steps:
+                start = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                elapsed = time.perf_counter() - start
+                self.train_seconds += elapsed
+                window_time += elapsed
+                window_tokens += tc.grad_accum * tc.batch_size * tc.seq_len
+                self._loss_sum += loss
+                self._loss_count += 1
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    tps = window_tokens / max(window_time, 1e-9)
+                    mean_loss = self._loss_sum / self._loss_count
+                    self.metrics.write(
+                        {
+                            "kind": "train",
+                            "step": self.step,
+                            "tokens": self.tokens_seen,
+                            "loss": mean_loss,
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "grad_norm": grad_norm,
+                            "tokens_per_s": tps,
+                        }
+                    )
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    self._loss_sum, self._loss_count = 0.0, 0
+                    window_tokens, window_time = 0, 0.0
+                bar.update(1)
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                    self._log_eval()
+                if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
+                    self.save()
+                if stop.requested or (deadline is not None and time.monotonic() > deadline):
+                    interrupted = stop.requested
+                    break
+        # Ctrl-C means "save and get out": skip the final validation (resuming redoes it).
+        final_eval = self._last_eval() if interrupted else self._log_eval()
+        checkpoint = self.save()
+        result = TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            interrupted=interrupted,
+            n_params=count_parameters(self.model),
+            tokens_seen=self.tokens_seen,
+            train_seconds=self.train_seconds,
+            tokens_per_s=self.tokens_seen / max(self.train_seconds, 1e-9),
+            final_eval=final_eval,
+            unigram_eval=self.unigram_baseline(),
+            checkpoint=checkpoint,
+        )
+        self.write_report(result)
+        return result
+
+    def write_report(self, result: TrainResult) -> None:
+        """``loss.png`` and ``summary.md`` in the run folder."""
+        records = read_metrics(self.metrics.path)
+        plot_losses({self.cfg.name: records}, self.run_dir / "loss.png", title=self.cfg.name)
+        write_markdown(self.run_dir / "summary.md", run_summary(self.cfg, result, self.corpus))
+
+
+def run_summary(cfg: RunConfig, result: TrainResult, corpus: TokenizedCorpus) -> str:
+    ev, uni = result.final_eval, result.unigram_eval
+    nan = float("nan")
+    rows = [
+        [
+            cfg.name,
+            cfg.model.name,
+            result.n_params,
+            result.step,
+            result.tokens_seen,
+            ev.get("loss", nan),
+            ev.get("ppl", nan),
+            ev.get("bpb", nan),
+            result.tokens_per_s,
+        ],
+        [
+            "unigram (add-one)",
+            "-",
+            cfg.model.vocab_size,
+            "-",
+            corpus.train.size,
+            uni["loss"],
+            uni["ppl"],
+            uni["bpb"],
+            "-",
+        ],
+    ]
+    headers = [
+        "run",
+        "model",
+        "params",
+        "steps",
+        "train tokens",
+        "val loss",
+        "val ppl",
+        "val bpb",
+        "train tok/s",
+    ]
+    status = "interrupted (checkpoint saved)" if result.interrupted else "finished"
+    return (
+        f"# {cfg.name}\n\n"
+        f"Status: {status} at step {result.step}. Validation on {int(uni['tokens']):,} held-out "
+        f"tokens ({corpus.val_docs} documents); tokenizer `{corpus.tokenizer.kind}` with "
+        f"{corpus.tokenizer.vocab_size:,} tokens.\n\n"
+        + markdown_table(headers, rows)
+        + f"\nCheckpoint: `{result.checkpoint}`\n"
+    )
