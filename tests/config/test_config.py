@@ -45,7 +45,7 @@ def test_unknown_section_and_model_name():
 
 def test_model_keys_are_validated_against_the_architecture():
     assert load_config(None, ["model.n_heads=2", "model.d_model=64"]).model.n_heads == 2
-    with pytest.raises(ConfigError, match=r"key in \\[model\\]"):
+    with pytest.raises(ConfigError, match=r"key in \[model\]"):
         load_config(None, ["model.chunk_size=3"])
 
 
