@@ -19,6 +19,11 @@ import torch.nn.functional as F
 from nestlearn.models.base import LanguageModel
 
 
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the softmax (bf16 autocast outputs), float64 kept."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def metrics_from_sums(nll_sum: float, n_tokens: int, n_bytes: int) -> dict[str, float]:
     """``{"loss", "ppl", "bpb", "tokens"}`` from summed negative log-likelihood in nats."""
     loss = nll_sum / max(1, n_tokens)
@@ -49,7 +54,7 @@ def evaluate_lm(
             with autocast():
                 logits, _ = model(x)
             nll = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+                upcast(logits).reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
             )
             nll_sum += float(nll)
             n_tokens += y.numel()

@@ -28,7 +28,7 @@ from nestlearn.config.loader import save_config, to_dict
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import TokenizedCorpus, eval_batches, prepare_data, train_batch
 from nestlearn.errors import CheckpointError, ConfigError, NonFiniteLossError
-from nestlearn.eval.perplexity import evaluate_lm, unigram_metrics
+from nestlearn.eval.perplexity import evaluate_lm, unigram_metrics, upcast
 from nestlearn.models.registry import build_model
 from nestlearn.models.summary import count_parameters
 from nestlearn.train.checkpoint import (
@@ -239,7 +239,7 @@ class Trainer:
             x, y = x.to(self.runtime.device), y.to(self.runtime.device)
             with self.runtime.autocast():
                 logits, _ = self.model(x)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            loss = F.cross_entropy(upcast(logits).reshape(-1, logits.size(-1)), y.reshape(-1))
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise self._non_finite("the training loss", value)
@@ -281,15 +281,29 @@ class Trainer:
 
     def _log_eval(self) -> dict[str, float]:
         result = self.evaluate()
+        scores = {k: result[k] for k in ("loss", "ppl", "bpb")}
         self.metrics.write(
-            {"kind": "eval", "step": self.step, "tokens": self.tokens_seen, **result}
+            {
+                "kind": "eval",
+                "step": self.step,
+                "tokens": self.tokens_seen,
+                **scores,
+                "eval_tokens": result["tokens"],
+            }
         )
         return result
 
     def _last_eval(self) -> dict[str, float]:
         evals = [r for r in read_metrics(self.metrics.path) if r.get("kind") == "eval"]
-        keys = ("loss", "ppl", "bpb", "tokens")
-        return {k: evals[-1][k] for k in keys} if evals else {}
+        if not evals:
+            return {}
+        last = evals[-1]
+        return {
+            "loss": last["loss"],
+            "ppl": last["ppl"],
+            "bpb": last["bpb"],
+            "tokens": last["eval_tokens"],
+        }
 
     def fit(self) -> TrainResult:
         tc = self.cfg.train
