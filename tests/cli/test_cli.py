@@ -44,39 +44,12 @@ def test_eval_on_validation_and_on_a_file(run_dir, tmp_path, capsys):
     assert "bits/byte" in capsys.readouterr().out
 
 
-def test_generate_streams_text(run_dir, capsys):
-    assert (
-        main(
-            [
-                "generate",
-                str(run_dir),
-                "--prompt",
-                "import ",
-                "--max-new-tokens",
-                "12",
-                "--seed",
-                "3",
-            ]
-        )
-        == 0
-    )
+def test_generate_streams_text_reproducibly(run_dir, capsys):
+    argv = ["generate", str(run_dir), "--prompt", "import ", "--max-new-tokens", "12"]
+    assert main([*argv, "--seed", "3"]) == 0
     first = capsys.readouterr().out
     assert first.startswith("import ")
-    assert (
-        main(
-            [
-                "generate",
-                str(run_dir),
-                "--prompt",
-                "import ",
-                "--max-new-tokens",
-                "12",
-                "--seed",
-                "3",
-            ]
-        )
-        == 0
-    )
+    assert main([*argv, "--seed", "3"]) == 0
     assert capsys.readouterr().out == first
 
 

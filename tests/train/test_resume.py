@@ -21,6 +21,17 @@ def losses(run_dir: Path) -> list[tuple[str, int, float]]:
     return [(r["kind"], r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
+def run_args(run_dir: Path, ckpt_every: int) -> list[str]:
+    """The reference run's settings; checkpoint frequency does not change the numbers."""
+    return [
+        "debug",
+        f"train.out_dir={run_dir}",
+        f"train.steps={STEPS}",
+        f"train.ckpt_every={ckpt_every}",
+        "train.eval_every=4",
+    ]
+
+
 def train_cli(run_dir: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess:
     env = subprocess_env(NESTLEARN_FAULT=fault) if fault else subprocess_env()
     cmd = [sys.executable, "-m", "nestlearn", "train", *args]
@@ -33,15 +44,8 @@ def reference(tmp_path_factory) -> list[tuple[str, int, float]]:
     from nestlearn.config import load_config
 
     out = tmp_path_factory.mktemp("reference")
-    cfg = load_config(
-        "debug",
-        [
-            f"train.out_dir={out}",
-            f"train.steps={STEPS}",
-            "train.ckpt_every=6",
-            "train.eval_every=4",
-        ],
-    )
+    name, *overrides = run_args(out, ckpt_every=6)
+    cfg = load_config(name, overrides)
     Trainer(cfg).fit()
     return losses(out)
 
@@ -68,14 +72,7 @@ def test_ctrl_c_then_resume_in_process_is_exact(reference, debug_config, monkeyp
 
 def test_sigkill_after_checkpoint_then_resume_is_exact(reference, tmp_path):
     run_dir = tmp_path / "run"
-    common = [
-        "debug",
-        f"train.out_dir={run_dir}",
-        f"train.steps={STEPS}",
-        "train.ckpt_every=6",
-        "train.eval_every=4",
-    ]
-    killed = train_cli(run_dir, *common, fault="after_checkpoint@6")
+    killed = train_cli(run_dir, *run_args(run_dir, ckpt_every=6), fault="after_checkpoint@6")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert resolve_checkpoint(run_dir).name == "step_00000006"
     resumed = train_cli(run_dir, "--resume", str(run_dir))
@@ -85,14 +82,7 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(reference, tmp_path):
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(reference, tmp_path):
     run_dir = tmp_path / "run"
-    common = [
-        "debug",
-        f"train.out_dir={run_dir}",
-        f"train.steps={STEPS}",
-        "train.ckpt_every=4",
-        "train.eval_every=4",
-    ]
-    killed = train_cli(run_dir, *common, fault="during_checkpoint@8")
+    killed = train_cli(run_dir, *run_args(run_dir, ckpt_every=4), fault="during_checkpoint@8")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     root = checkpoint_root(run_dir)
     # The half-written step 8 exists only as a hidden temp folder; `latest` still says 4.
