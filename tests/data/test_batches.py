@@ -79,6 +79,13 @@ def test_eval_batches_caps_and_short_streams(n, seq_len, max_tokens, targets, wi
     assert torch.equal(batches[0][0][0, 0], torch.tensor(0))
 
 
+def test_a_capped_eval_spreads_its_windows_over_the_stream():
+    tokens = np.arange(1001, dtype=np.uint16)
+    batches = list(eval_batches(tokens, batch_size=2, seq_len=10, max_tokens=30))
+    starts = torch.cat([x[:, 0] for x, _ in batches]).tolist()
+    assert starts == [0, 500, 990]  # windows 0, 50 and 99 of 100
+
+
 def test_eval_batches_needs_two_tokens():
     with pytest.raises(DataError, match="too few"):
         list(eval_batches(np.arange(1), batch_size=1, seq_len=4))

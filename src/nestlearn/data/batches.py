@@ -47,13 +47,14 @@ def train_batch(
 def eval_batches(
     tokens: np.ndarray, *, batch_size: int, seq_len: int, max_tokens: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive windows from the start of the stream, each target token scored once.
+    """Non-overlapping windows of the stream, each target token scored at most once.
 
     Window ``i`` has inputs ``tokens[i*T : (i+1)*T]`` and targets one further, so targets never
-    overlap; a trailing part shorter than a window is dropped. A stream shorter than
-    ``seq_len + 1`` gives one window of ``len(tokens) - 1``; ``max_tokens`` (0 = all) caps the
-    number of targets (windows are shortened to it if it is below ``seq_len``). The last batch may
-    hold fewer than ``batch_size`` windows.
+    overlap; a trailing part shorter than a window is dropped. Without a cap (``max_tokens=0``)
+    every window is used, in order. With a cap, ``max_tokens // T`` windows evenly spaced over the
+    whole stream (first and last included) are used, in order. A stream shorter than
+    ``seq_len + 1`` gives one window of ``len(tokens) - 1``; a cap below ``seq_len`` shortens the
+    window to it. The last batch may hold fewer than ``batch_size`` windows.
     """
     _check_sizes(batch_size, seq_len)
     n = len(tokens)
@@ -64,12 +65,13 @@ def eval_batches(
     seq_len = min(seq_len, n - 1)
     if max_tokens > 0:
         seq_len = min(seq_len, max_tokens)
-    n_windows = (n - 1) // seq_len
-    if max_tokens > 0:
-        n_windows = min(n_windows, max_tokens // seq_len)
-    for first in range(0, n_windows, batch_size):
-        last = min(first + batch_size, n_windows)
-        offsets = np.arange(first, last) * seq_len
+    available = (n - 1) // seq_len
+    n_windows = min(available, max_tokens // seq_len) if max_tokens > 0 else available
+    # A cap takes windows evenly spread over the whole stream, not just its first documents,
+    # so a small validation budget still samples every part of the held-out text.
+    chosen = np.unique(np.linspace(0, available - 1, n_windows).round().astype(np.int64))
+    for first in range(0, len(chosen), batch_size):
+        offsets = chosen[first : first + batch_size] * seq_len
         yield _windows(tokens, offsets, seq_len)
 
 
