@@ -8,6 +8,7 @@ import yaml
 
 from nestlearn.cli.common import add_config_args, config_from_args
 from nestlearn.config import named_configs, to_dict
+from nestlearn.models.levels import LEVEL_HEADERS, levels_rows
 from nestlearn.models.registry import available_models, build_model
 from nestlearn.models.summary import count_parameters, parameter_table
 from nestlearn.train.checkpoint import load_model
@@ -41,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
     rows = [[component, n] for component, n in parameter_table(model)]
     rows.append(["total", count_parameters(model)])
     print(markdown_table(["component", "parameters"], rows))
+    print(markdown_table(LEVEL_HEADERS, levels_rows(model.levels(cfg.optim.name))))
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return 0

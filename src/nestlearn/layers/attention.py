@@ -79,3 +79,19 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H·D]
         return self.out(y)
+
+    def inner_levels(self) -> list:
+        """Softmax attention as an associative memory (SPEC §2.2, last row): non-parametric,
+        its "update" is appending k/v to the cache and its read solves the objective in closed
+        form."""
+        from nestlearn.models.levels import Level
+
+        return [
+            Level(
+                "",
+                f"{self.n_kv_heads} x KV cache (non-parametric)",
+                "Σ_i softmax(qᵀk_i)·‖v_i − m‖²",
+                "closed form (softmax-weighted mean)",
+                1,
+            )
+        ]

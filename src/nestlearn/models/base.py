@@ -40,6 +40,17 @@ class LanguageModel(nn.Module, ABC):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """An empty decoding state for ``batch_size`` sequences."""
 
+    @property
+    def context_limit(self) -> int | None:
+        """Longest context the model can read (``None``: unbounded, for recurrent models)."""
+        return self.config.max_seq_len
+
+    def levels(self, outer_optimizer: str = "AdamW") -> list:
+        """Every learning component with its objective, optimizer and update frequency."""
+        from nestlearn.models.levels import model_levels
+
+        return model_levels(self, outer_optimizer)
+
     @abstractmethod
     def flops_per_token(self, seq_len: int) -> float:
         """Forward + backward FLOPs per trained token at context ``seq_len`` (for MFU)."""

@@ -67,9 +67,10 @@ def generate(
     ``torch.inference_mode`` (active only while the generator runs, not between yields; the
     yielded tensors are inference tensors). Stops after ``max_new_tokens``, after ``eos_id``
     (once every row has produced it; the eos token is yielded), or when the next token could not
-    be fed back without exceeding ``max_seq_len``: each token is predicted from at most
-    ``max_seq_len`` tokens of context, so at most ``max_seq_len - T + 1`` tokens come out.
-    A prompt longer than ``max_seq_len`` raises :class:`~nestlearn.errors.SequenceTooLongError`.
+    be fed back without exceeding ``model.context_limit`` (``max_seq_len`` for attention; none
+    for recurrent models): each token is predicted from at most that many tokens of context, so
+    at most ``limit - T + 1`` tokens come out. A prompt longer than the limit raises
+    :class:`~nestlearn.errors.SequenceTooLongError`.
     """
     device = next(model.parameters()).device
     tokens = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
@@ -81,6 +82,7 @@ def generate(
     if max_new_tokens <= 0:
         return
 
+    limit = model.context_limit
     state = model.init_state(B, device)
     logits, state = model(tokens, state)  # [B, T, V]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -91,6 +93,6 @@ def generate(
             done |= token == eos_id
             if bool(done.all()):
                 return
-        if n + 1 == max_new_tokens or T + n + 1 > model.config.max_seq_len:
+        if n + 1 == max_new_tokens or (limit is not None and T + n + 1 > limit):
             return
         logits, state = model(token[:, None], state)  # [B, 1, V]

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from nestlearn.config.schema import ModelConfig
-from nestlearn.errors import ConfigError, DataError, SequenceTooLongError
+from nestlearn.errors import ConfigError
 from nestlearn.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
 from nestlearn.models.base import LanguageModel, State
+from nestlearn.models.common import check_tokens, init_decoder_weights
 from nestlearn.models.registry import register_model
 
 
@@ -90,21 +91,9 @@ class Transformer(LanguageModel):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, norm gains 1; residual outputs std / sqrt(2·n_layers).
-
-        The residual stream sums 2·n_layers branch outputs, so scaling the projections that write
-        into it keeps its variance independent of depth (GPT-2).
-        """
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.w2.weight, mean=0.0, std=residual_std)
+        """Depth-scaled normal init (:func:`~nestlearn.models.common.init_decoder_weights`)."""
+        outputs = [p for block in self.blocks for p in (block.attn.out, block.mlp.w2)]
+        init_decoder_weights(self, self.config.init_std, self.config.n_layers, outputs)
 
     def forward(
         self, tokens: torch.Tensor, state: State | None = None
@@ -117,7 +106,9 @@ class Transformer(LanguageModel):
         shared cache, so clone a state first to keep it (``{k: v.clone() for k, v in ...}``).
         """
         pos = 0 if state is None else int(state["pos"])
-        self._check_tokens(tokens, pos, state is not None)
+        check_tokens(
+            tokens, self.config.vocab_size, self.config.max_seq_len, pos, state is not None
+        )
         T = tokens.shape[1]
 
         x = self.embed(tokens)  # [B, T, d_model]
@@ -154,34 +145,6 @@ class Transformer(LanguageModel):
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         cfg = self.config
         return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.d_model * seq_len
-
-    def _check_tokens(self, tokens: torch.Tensor, pos: int, has_state: bool) -> None:
-        if tokens.ndim != 2:
-            raise ValueError(
-                f"tokens must be [batch, seq_len], got shape {tuple(tokens.shape)}; "
-                "add a batch dimension with tokens[None]"
-            )
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be integer ids (torch.long), got dtype {tokens.dtype}")
-        T = tokens.shape[1]
-        if T == 0:
-            raise ValueError("tokens is empty: give at least one token per sequence")
-        limit = self.config.max_seq_len
-        if pos + T > limit:
-            where = f"{pos} cached + {T} new tokens" if has_state else f"{T} tokens"
-            raise SequenceTooLongError(
-                f"{where} exceed model.max_seq_len={limit}; shorten the input or use a model "
-                f"built with a larger model.max_seq_len"
-            )
-        # One host sync; skipped under torch.compile so the graph does not break.
-        if not torch.compiler.is_compiling():
-            vocab = self.config.vocab_size
-            if bool(((tokens < 0) | (tokens >= vocab)).any()):
-                bad = tokens[(tokens < 0) | (tokens >= vocab)][0].item()
-                raise DataError(
-                    f"token id {bad} is outside the model's vocabulary [0, {vocab}); "
-                    "the tokenizer does not match model.vocab_size"
-                )
 
 
 def _validate(cfg: TransformerConfig) -> None:
