@@ -67,14 +67,14 @@ def train_tokens_per_s(cfg, steps: int, warmup: int):
     return steps * B * T / elapsed, model.flops_per_token(T), count_parameters(model), runtime
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default="tiny")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="also write the result to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 257 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size

@@ -139,3 +139,14 @@ def test_demo_trains_every_listed_run(tmp_path, capsys):
     assert [r["run"] for r in results["runs"]] == ["a", "b"]
     assert results["runs"][1]["params"] < results["runs"][0]["params"]
     assert "| a |" in (out / "summary.md").read_text()
+
+
+def test_bench_runs_a_benchmark_and_names_the_available_ones(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert (
+        main(["bench", "train", "debug", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["train_tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+    assert main(["bench", "nope"]) == 2
+    assert "available: memory, train_throughput" in capsys.readouterr().err

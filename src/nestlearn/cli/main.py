@@ -11,10 +11,17 @@ import sys
 from collections.abc import Sequence
 
 from nestlearn import __version__
-from nestlearn.cli import demo, evaluate, generate, info, train
+from nestlearn.cli import bench, demo, evaluate, generate, info, train
 from nestlearn.errors import NestlearnError
 
-COMMANDS = {"train": train, "eval": evaluate, "generate": generate, "info": info, "demo": demo}
+COMMANDS = {
+    "train": train,
+    "eval": evaluate,
+    "generate": generate,
+    "info": info,
+    "demo": demo,
+    "bench": bench,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
