@@ -1,6 +1,7 @@
 """Language models: the common interface, the registry and the built-in architectures."""
 
 from nestlearn.models.base import LanguageModel, State
+from nestlearn.models.memory_lm import MemoryLMConfig, TitansLMMConfig
 from nestlearn.models.registry import available_models, build_model, register_model
 
 # Importing an architecture's module registers it.
@@ -8,7 +9,9 @@ from nestlearn.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
     "LanguageModel",
+    "MemoryLMConfig",
     "State",
+    "TitansLMMConfig",
     "Transformer",
     "TransformerConfig",
     "available_models",

@@ -56,7 +56,7 @@ def plot_losses(
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+            return f"{value:.4g}" if abs(value) < 1e3 else f"{value:,.0f}"
         if isinstance(value, int):
             return f"{value:,}"
         return str(value)

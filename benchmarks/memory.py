@@ -1,0 +1,132 @@
+"""Chunkwise vs sequential memory layers, and Titans' memory against titans-pytorch.
+
+    nestlearn bench memory [--json FILE] [--seq-len 2048] [--repeats 2]
+
+Part 1 (issue: chunkwise >= 20x sequential): for every memory layer, forward + backward tokens/s
+of the chunkwise and sequential (reference) forms, measured side by side in this run, at B=2,
+T=2048, d=256, 4 heads of 64, chunk 64, float32 on the CPU, and the max abs difference of their
+outputs. Part 2 (issue: >= 2x titans-pytorch): our Titans neural memory layer against
+``titans_pytorch.NeuralMemory`` (optional: ``pip install 'nestlearn[bench]'``) at B=2, T=1024,
+dim 256, 4 heads of 64, chunk 64. Best of ``--repeats`` timings each (machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+
+from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
+from nestlearn.layers.neural_memory import NeuralMemoryMixer
+from nestlearn.train.report import markdown_table
+
+LAYERS = [*VARIANTS, "titans_lmm"]
+
+
+def build_layer(name: str, mode: str, d_model: int, heads: int, chunk: int) -> torch.nn.Module:
+    head_dim = d_model // heads
+    if name == "titans_lmm":
+        return NeuralMemoryMixer(d_model, heads, head_dim, chunk_size=chunk, mode=mode)
+    return MatrixMemoryMixer(name, d_model, heads, head_dim, chunk_size=chunk, mode=mode)
+
+
+def time_fwd_bwd(step: Callable[[], torch.Tensor], repeats: int) -> float:
+    """Best wall time of one forward + backward (after one warm-up call)."""
+    step().sum().backward()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step().sum().backward()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def chunk_vs_sequential(seq_len: int, repeats: int) -> list[dict]:
+    B, d, heads, chunk = 2, 256, 4, 64
+    rows = []
+    for name in LAYERS:
+        torch.manual_seed(0)
+        chunked = build_layer(name, "chunk", d, heads, chunk)
+        sequential = build_layer(name, "reference", d, heads, chunk)
+        sequential.load_state_dict(chunked.state_dict())
+        x = torch.randn(B, seq_len, d)
+        with torch.no_grad():
+            diff = (chunked(x)[0] - sequential(x)[0]).abs().max().item()
+        t_chunk = time_fwd_bwd(lambda m=chunked, x=x: m(x)[0], repeats)
+        t_seq = time_fwd_bwd(lambda m=sequential, x=x: m(x)[0], max(1, repeats - 1))
+        tokens = B * seq_len
+        rows.append(
+            {
+                "layer": name,
+                "chunk_tokens_per_s": tokens / t_chunk,
+                "sequential_tokens_per_s": tokens / t_seq,
+                "speedup": t_seq / t_chunk,
+                "max_abs_diff": diff,
+            }
+        )
+        print(
+            f"{name}: chunk {tokens / t_chunk:,.0f} tok/s, sequential {tokens / t_seq:,.0f} "
+            f"tok/s, x{t_seq / t_chunk:.1f}, max |diff| {diff:.2e}",
+            flush=True,
+        )
+    return rows
+
+
+def against_titans_pytorch(repeats: int) -> dict:
+    B, T, d, heads, chunk = 2, 1024, 256, 4, 64
+    torch.manual_seed(0)
+    x = torch.randn(B, T, d)
+    ours = build_layer("titans_lmm", "chunk", d, heads, chunk)
+    t_ours = time_fwd_bwd(lambda: ours(x)[0], repeats)
+    result = {
+        "shape": {"batch": B, "seq_len": T, "dim": d, "heads": heads, "chunk": chunk},
+        "ours_tokens_per_s": B * T / t_ours,
+    }
+    try:
+        from titans_pytorch import NeuralMemory
+    except ImportError:
+        result["titans_pytorch"] = "not installed: pip install 'nestlearn[bench]'"
+        return result
+    theirs = NeuralMemory(dim=d, chunk_size=chunk, heads=heads, dim_head=d // heads)
+    t_theirs = time_fwd_bwd(lambda: theirs(x)[0], repeats)
+    result.update({"titans_pytorch_tokens_per_s": B * T / t_theirs, "ratio": t_theirs / t_ours})
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nestlearn bench memory", description=__doc__)
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    result = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "chunk_vs_sequential": chunk_vs_sequential(args.seq_len, args.repeats),
+        "titans": against_titans_pytorch(args.repeats),
+    }
+    rows = [
+        [
+            r["layer"],
+            r["chunk_tokens_per_s"],
+            r["sequential_tokens_per_s"],
+            r["speedup"],
+            f"{r['max_abs_diff']:.1e}",
+        ]
+        for r in result["chunk_vs_sequential"]
+    ]
+    print(
+        markdown_table(["layer", "chunk tok/s", "sequential tok/s", "speed-up", "max |diff|"], rows)
+    )
+    print(json.dumps(result["titans"], indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

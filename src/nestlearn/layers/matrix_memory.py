@@ -1,0 +1,160 @@
+"""Matrix-memory layers: linear attention, gated linear attention, DeltaNet, Gated DeltaNet.
+
+One module, four settings of the same op (:mod:`nestlearn.memory.matrix`, SPEC §2.2):
+
+| variant            | objective | retention α_t       | write strength β_t |
+|--------------------|-----------|---------------------|--------------------|
+| ``linear_attention`` | dot     | none                | 1                  |
+| ``gla``              | dot     | Mamba-2 decay       | 1                  |
+| ``deltanet``         | l2      | none                | sigmoid(x W_β)     |
+| ``gated_deltanet``   | l2      | Mamba-2 decay       | sigmoid(x W_β)     |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nestlearn.layers.memory_heads import MambaDecay, MemoryHeads, State, gate_projection
+from nestlearn.memory.matrix import (
+    matrix_memory_chunk,
+    matrix_memory_reference,
+    matrix_memory_step,
+)
+from nestlearn.models.levels import Level
+
+
+@dataclass(frozen=True)
+class MatrixVariant:
+    objective: str  # "dot" or "l2"
+    decay: bool  # data-dependent retention α_t
+    write_gate: bool  # data-dependent β_t (else 1)
+    optimizer: str  # how the inner update reads, for levels()
+
+
+VARIANTS: dict[str, MatrixVariant] = {
+    "linear_attention": MatrixVariant("dot", False, False, "Hebbian write (GD on dot, η=1)"),
+    "gla": MatrixVariant("dot", True, False, "Hebbian write + retention α_t"),
+    "deltanet": MatrixVariant("l2", False, True, "delta rule (GD on l2, step β_t)"),
+    "gated_deltanet": MatrixVariant("l2", True, True, "delta rule, step β_t, retention α_t"),
+}
+
+MODES = ("chunk", "reference")
+
+
+class MatrixMemoryMixer(nn.Module):
+    """Multi-head matrix associative memory as a sequence mixer: ``[B, T, d] -> [B, T, d]``.
+
+    Each head keeps ``S ∈ R^{dk × dv}`` (read ``o_t = scale · S_tᵀ q_t`` after writing token t).
+    Training uses the chunkwise-parallel form, decoding the one-token recurrent step; ``mode=
+    "reference"`` runs the sequential loop (for checks, not for speed).
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        *,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        mode: str = "chunk",
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown matrix memory '{variant}'; choose one of {list(VARIANTS)}")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.variant_name, self.variant = variant, VARIANTS[variant]
+        self.chunk_size, self.mode = chunk_size, mode
+        self.heads = MemoryHeads(d_model, n_heads, head_dim, head_dim, conv_size, eps)
+        self.scale = head_dim**-0.5
+        self.decay = MambaDecay(d_model, n_heads) if self.variant.decay else None
+        self.beta_proj = gate_projection(d_model, n_heads, 0.0) if self.variant.write_gate else None
+
+    def reset_memory_parameters(self) -> None:
+        """Gates keep their own init after the model-wide normal init."""
+        if self.decay is not None:
+            self.decay.reset_parameters()
+        if self.beta_proj is not None:
+            nn.init.normal_(self.beta_proj.weight, std=0.02)
+            nn.init.zeros_(self.beta_proj.bias)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        h = self.heads
+        state = h.init_state(batch_size, device, dtype)
+        state["memory"] = torch.zeros(batch_size, h.n_heads, h.dk, h.dv, device=device, dtype=dtype)
+        return state
+
+    def forward(
+        self, x: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, State | None]:
+        """Mix ``x [B, T, d]``; with a state, continue from it and return the new one."""
+        q, k, v, conv_state = self.heads.qkv(x, state)
+        log_alpha = self.decay(x) if self.decay is not None else None
+        beta = (
+            torch.sigmoid(self.beta_proj(x)).transpose(1, 2) if self.beta_proj is not None else None
+        )
+        gates = dict(
+            log_alpha=log_alpha, beta=beta, objective=self.variant.objective, scale=self.scale
+        )
+        if state is not None and x.shape[1] == 1:
+            o, memory = matrix_memory_step(
+                q[:, :, 0],
+                k[:, :, 0],
+                v[:, :, 0],
+                state=state["memory"],
+                **{
+                    **gates,
+                    "log_alpha": None if log_alpha is None else log_alpha[..., 0],
+                    "beta": None if beta is None else beta[..., 0],
+                },
+            )
+            o = o.unsqueeze(2)
+        else:
+            initial = None if state is None else state["memory"]
+            if self.mode == "chunk":
+                o, memory = matrix_memory_chunk(
+                    q,
+                    k,
+                    v,
+                    **gates,
+                    initial_state=initial,
+                    output_final_state=state is not None,
+                    chunk_size=self.chunk_size,
+                )
+            else:
+                o, memory = matrix_memory_reference(
+                    q, k, v, **gates, initial_state=initial, output_final_state=state is not None
+                )
+        y = self.heads.output(o, x)
+        if state is None:
+            return y, None
+        return y, {**conv_state, "memory": memory}
+
+    def inner_levels(self) -> list[Level]:
+        h = self.heads
+        objective = "dot: −⟨S q, v⟩" if self.variant.objective == "dot" else "l2: ½‖Sᵀk − v‖²"
+        return [
+            Level(
+                "", f"{h.n_heads} x matrix [{h.dk} x {h.dv}]", objective, self.variant.optimizer, 1
+            )
+        ]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs of the chunkwise memory per token (projections counted by the model).
+
+        Per head: intra-chunk ``q kᵀ`` and its product with values (``2·C·(dk + dv)``), the read
+        of and write into the state (``4·dk·dv``), and for l2 the UT transform (``2·C·dk``).
+        """
+        h, C = self.heads, min(self.chunk_size, seq_len)
+        per_head = 2 * C * (h.dk + h.dv) + 4 * h.dk * h.dv
+        if self.variant.objective == "l2":
+            per_head += 2 * C * h.dk + 2 * h.dk * h.dv
+        return float(h.n_heads * per_head)

@@ -1,0 +1,35 @@
+"""The associative-memory engine: one functional core of update rules, three forms per memory.
+
+- :mod:`~nestlearn.memory.rules`: objectives, momentum, retention, DGD projection (SPEC S-1).
+- :mod:`~nestlearn.memory.matrix`: linear attention, GLA, DeltaNet, Gated DeltaNet as one op.
+- :mod:`~nestlearn.memory.mlp`: Titans' MLP memory trained by chunked gradient descent.
+
+Each op has a sequential reference, a chunkwise-parallel form and a one-token step with the same
+signature; derivations are in this folder's README.
+"""
+
+from nestlearn.memory.matrix import (
+    matrix_memory,
+    matrix_memory_chunk,
+    matrix_memory_reference,
+    matrix_memory_step,
+)
+from nestlearn.memory.mlp import (
+    init_mlp_memory_state,
+    mlp_memory_chunk,
+    mlp_memory_reference,
+    mlp_memory_step,
+)
+from nestlearn.memory.rules import get_objective
+
+__all__ = [
+    "get_objective",
+    "init_mlp_memory_state",
+    "matrix_memory",
+    "matrix_memory_chunk",
+    "matrix_memory_reference",
+    "matrix_memory_step",
+    "mlp_memory_chunk",
+    "mlp_memory_reference",
+    "mlp_memory_step",
+]
