@@ -8,7 +8,7 @@ import yaml
 
 from nestlearn.cli.common import add_config_args, config_from_args
 from nestlearn.config import named_configs, to_dict
-from nestlearn.models.levels import LEVEL_HEADERS, levels_rows
+from nestlearn.levels import LEVEL_HEADERS, levels_rows
 from nestlearn.models.registry import available_models, build_model
 from nestlearn.models.summary import count_parameters, parameter_table
 from nestlearn.train.checkpoint import load_model

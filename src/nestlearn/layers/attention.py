@@ -84,7 +84,7 @@ class CausalSelfAttention(nn.Module):
         """Softmax attention as an associative memory (SPEC §2.2, last row): non-parametric,
         its "update" is appending k/v to the cache and its read solves the objective in closed
         form."""
-        from nestlearn.models.levels import Level
+        from nestlearn.levels import Level
 
         return [
             Level(

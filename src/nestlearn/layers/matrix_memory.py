@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from nestlearn.layers.memory_heads import MambaDecay, MemoryHeads, State, gate_projection
+from nestlearn.levels import Level
 from nestlearn.memory.matrix import (
     matrix_memory_chunk,
     matrix_memory_reference,
     matrix_memory_step,
 )
-from nestlearn.models.levels import Level
 
 
 @dataclass(frozen=True)

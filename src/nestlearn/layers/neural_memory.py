@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from nestlearn.layers.memory_heads import MemoryHeads, State, gate_projection
+from nestlearn.levels import Level
 from nestlearn.memory.mlp import (
     init_mlp_memory_state,
     mlp_memory_chunk,
     mlp_memory_reference,
     mlp_memory_step,
 )
-from nestlearn.models.levels import Level
 
 MODES = ("chunk", "reference")
 

@@ -47,7 +47,7 @@ class LanguageModel(nn.Module, ABC):
 
     def levels(self, outer_optimizer: str = "AdamW") -> list:
         """Every learning component with its objective, optimizer and update frequency."""
-        from nestlearn.models.levels import model_levels
+        from nestlearn.levels import model_levels
 
         return model_levels(self, outer_optimizer)
 

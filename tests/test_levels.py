@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from nestlearn.models.levels import LEVEL_HEADERS, Level, levels_rows, model_levels
+from nestlearn.levels import LEVEL_HEADERS, Level, levels_rows, model_levels
 from nestlearn.models.registry import build_model
 from nestlearn.models.transformer import TransformerConfig
 
