@@ -372,3 +372,23 @@ def test_dispatch_single_token_and_modes_agree():
     inputs = make_inputs(1, 2, 40, 4, 3, "l2", True)
     o_chunk, _ = matrix_memory(**inputs, chunk_size=16)
     torch.testing.assert_close(o_chunk, matrix_memory(**inputs, mode="reference")[0])
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_chunk_form_has_second_derivatives(case):
+    # the UT transform's inverse has a hand-written backward; it must itself be differentiable
+    objective, decay = case
+    inputs = make_inputs(1, 1, 5, 3, 2, objective, decay)
+    leaves = [x for x in inputs.values() if x is not None]
+    names = [n for n, x in inputs.items() if x is not None]
+
+    def chunk(*args):
+        o, state = matrix_memory_chunk(
+            **dict(zip(names, args, strict=True)),
+            objective=objective,
+            output_final_state=True,
+            chunk_size=2,
+        )
+        return o, state
+
+    assert torch.autograd.gradgradcheck(chunk, leaves)

@@ -157,6 +157,8 @@ def matrix_memory_chunk(
         log_alpha = q.new_zeros(B, H, T)
     if beta is None:
         beta = q.new_ones(B, H, T)
+    if initial_state is None:
+        initial_state = _zero_state(q, v)
     if pad:
         # A padded token (k = 0, v = 0, β = 0, α = 1) leaves the state as it is; its output is cut.
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -188,7 +190,7 @@ def matrix_memory_chunk(
     else:
         u, w = beta_v, None
 
-    state = _zero_state(q, v) if initial_state is None else initial_state
+    state = initial_state
     # The loop carries only the state; the reads are batched over chunks after it. unbind, not
     # indexing per chunk, whose backward would write N full-size gradients.
     chunks = zip(
