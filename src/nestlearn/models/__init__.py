@@ -1,10 +1,11 @@
-"""Language models: the common interface, the registry and the built-in architectures."""
+"""Language models: the common interface, the registry and the built-in architectures.
+
+Importing an architecture's module registers it (``memory_lm``, ``transformer``).
+"""
 
 from nestlearn.models.base import LanguageModel, State
+from nestlearn.models.memory_lm import MemoryLMConfig, TitansLMMConfig
 from nestlearn.models.registry import available_models, build_model, register_model
-
-# Importing an architecture's module registers it.
-from nestlearn.models.memory_lm import MemoryLMConfig, TitansLMMConfig  # noqa: I001
 from nestlearn.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
