@@ -7,23 +7,16 @@ from __future__ import annotations
 
 import argparse
 import runpy
-from importlib import resources
 from pathlib import Path
 
 from nestlearn.errors import ConfigError
+from nestlearn.utils.shipped import shipped_dirs
 
 ALIASES = {"train": "train_throughput"}
-_REPO_BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"
 
 
 def benchmark_dirs() -> list[Path]:
-    dirs = []
-    packaged = resources.files("nestlearn") / "_benchmarks"
-    if packaged.is_dir():
-        dirs.append(Path(str(packaged)))
-    if _REPO_BENCHMARKS.is_dir():
-        dirs.append(_REPO_BENCHMARKS)
-    return dirs
+    return shipped_dirs("benchmarks")
 
 
 def available() -> list[str]:

@@ -12,7 +12,6 @@ import difflib
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +19,12 @@ import yaml
 
 from nestlearn.config.schema import SECTIONS, ModelConfig, RunConfig
 from nestlearn.errors import ConfigError
-
-_REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+from nestlearn.utils.shipped import shipped_dirs
 
 
 def config_dirs() -> list[Path]:
     """Folders searched for named configs: the installed copy, then a source checkout's."""
-    dirs = []
-    packaged = resources.files("nestlearn") / "_configs"
-    if packaged.is_dir():
-        dirs.append(Path(str(packaged)))
-    if _REPO_CONFIGS.is_dir():
-        dirs.append(_REPO_CONFIGS)
-    return dirs
+    return shipped_dirs("configs")
 
 
 def named_configs() -> list[str]:
