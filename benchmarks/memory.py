@@ -7,7 +7,8 @@ of the chunkwise and sequential (reference) forms, measured side by side in this
 T=2048, d=256, 4 heads of 64, chunk 64, float32 on the CPU, and the max abs difference of their
 outputs. Part 2 (issue: >= 2x titans-pytorch): our Titans neural memory layer against
 ``titans_pytorch.NeuralMemory`` (optional: ``pip install 'nestlearn[bench]'``) at B=2, T=1024,
-dim 256, 4 heads of 64, chunk 64. Best of ``--repeats`` timings each (machines are noisy).
+dim 256, 4 heads of 64, chunk 64. Best of ``--repeats`` timings each, taken in turns
+(machines are noisy).
 """
 
 from __future__ import annotations
@@ -33,14 +34,20 @@ def build_layer(name: str, mode: str, d_model: int, heads: int, chunk: int) -> t
     return MatrixMemoryMixer(name, d_model, heads, head_dim, chunk_size=chunk, mode=mode)
 
 
-def time_fwd_bwd(step: Callable[[], torch.Tensor], repeats: int) -> float:
-    """Best wall time of one forward + backward (after one warm-up call)."""
-    step().sum().backward()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_fwd_bwd(steps: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, float]:
+    """Best wall time of one forward + backward per entry, after one warm-up call each.
+
+    Entries are timed in turns (a, b, a, b, ...) so that a burst of load on a shared machine
+    hits all of them alike rather than one.
+    """
+    for step in steps.values():
         step().sum().backward()
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step().sum().backward()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -55,8 +62,11 @@ def chunk_vs_sequential(seq_len: int, repeats: int) -> list[dict]:
         x = torch.randn(B, seq_len, d)
         with torch.no_grad():
             diff = (chunked(x)[0] - sequential(x)[0]).abs().max().item()
-        t_chunk = time_fwd_bwd(lambda m=chunked, x=x: m(x)[0], repeats)
-        t_seq = time_fwd_bwd(lambda m=sequential, x=x: m(x)[0], max(1, repeats - 1))
+        times = time_fwd_bwd(
+            {"chunk": lambda m=chunked, x=x: m(x)[0], "seq": lambda m=sequential, x=x: m(x)[0]},
+            repeats,
+        )
+        t_chunk, t_seq = times["chunk"], times["seq"]
         tokens = B * seq_len
         rows.append(
             {
@@ -80,18 +90,24 @@ def against_titans_pytorch(repeats: int) -> dict:
     torch.manual_seed(0)
     x = torch.randn(B, T, d)
     ours = build_layer("titans_lmm", "chunk", d, heads, chunk)
-    t_ours = time_fwd_bwd(lambda: ours(x)[0], repeats)
+    steps = {"ours": lambda: ours(x)[0]}
+    try:
+        from titans_pytorch import NeuralMemory
+    except ImportError:
+        NeuralMemory = None
+    if NeuralMemory is not None:
+        theirs = NeuralMemory(dim=d, chunk_size=chunk, heads=heads, dim_head=d // heads)
+        steps["theirs"] = lambda: theirs(x)[0]
+    times = time_fwd_bwd(steps, repeats)
+    t_ours = times["ours"]
     result = {
         "shape": {"batch": B, "seq_len": T, "dim": d, "heads": heads, "chunk": chunk},
         "ours_tokens_per_s": B * T / t_ours,
     }
-    try:
-        from titans_pytorch import NeuralMemory
-    except ImportError:
+    if NeuralMemory is None:
         result["titans_pytorch"] = "not installed: pip install 'nestlearn[bench]'"
         return result
-    theirs = NeuralMemory(dim=d, chunk_size=chunk, heads=heads, dim_head=d // heads)
-    t_theirs = time_fwd_bwd(lambda: theirs(x)[0], repeats)
+    t_theirs = times["theirs"]
     result.update({"titans_pytorch_tokens_per_s": B * T / t_theirs, "ratio": t_theirs / t_ours})
     return result
 
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nestlearn bench memory", description=__doc__)
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     result = {
         "device": "cpu",
