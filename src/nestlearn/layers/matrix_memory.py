@@ -19,11 +19,7 @@ from torch import nn
 
 from nestlearn.layers.memory_heads import MambaDecay, MemoryHeads, State, gate_projection
 from nestlearn.levels import Level
-from nestlearn.memory.matrix import (
-    matrix_memory_chunk,
-    matrix_memory_reference,
-    matrix_memory_step,
-)
+from nestlearn.memory.matrix import matrix_memory
 
 
 @dataclass(frozen=True)
@@ -101,38 +97,21 @@ class MatrixMemoryMixer(nn.Module):
         beta = (
             torch.sigmoid(self.beta_proj(x)).transpose(1, 2) if self.beta_proj is not None else None
         )
-        gates = dict(
-            log_alpha=log_alpha, beta=beta, objective=self.variant.objective, scale=self.scale
+        # matrix_memory picks the form: chunkwise (or the reference loop) for sequences, the
+        # recurrent step for a single decoded token.
+        o, memory = matrix_memory(
+            q,
+            k,
+            v,
+            log_alpha=log_alpha,
+            beta=beta,
+            objective=self.variant.objective,
+            scale=self.scale,
+            initial_state=None if state is None else state["memory"],
+            output_final_state=state is not None,
+            mode=self.mode,
+            chunk_size=self.chunk_size,
         )
-        if state is not None and x.shape[1] == 1:
-            o, memory = matrix_memory_step(
-                q[:, :, 0],
-                k[:, :, 0],
-                v[:, :, 0],
-                state=state["memory"],
-                **{
-                    **gates,
-                    "log_alpha": None if log_alpha is None else log_alpha[..., 0],
-                    "beta": None if beta is None else beta[..., 0],
-                },
-            )
-            o = o.unsqueeze(2)
-        else:
-            initial = None if state is None else state["memory"]
-            if self.mode == "chunk":
-                o, memory = matrix_memory_chunk(
-                    q,
-                    k,
-                    v,
-                    **gates,
-                    initial_state=initial,
-                    output_final_state=state is not None,
-                    chunk_size=self.chunk_size,
-                )
-            else:
-                o, memory = matrix_memory_reference(
-                    q, k, v, **gates, initial_state=initial, output_final_state=state is not None
-                )
         y = self.heads.output(o, x)
         if state is None:
             return y, None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +23,6 @@ class Runtime:
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    @property
-    def autocast_factory(self) -> Callable[[], contextlib.AbstractContextManager]:
-        return self.autocast
 
 
 def resolve_device(name: str) -> torch.device:
