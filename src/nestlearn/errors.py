@@ -27,6 +27,10 @@ class NonFiniteLossError(NestlearnError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
 
+class NonFiniteMemoryError(NestlearnError):
+    """A layer's in-context memory went NaN/inf (raised by ``model.check_finite=true``)."""
+
+
 class SequenceTooLongError(NestlearnError):
     """An input is longer than the model's ``max_seq_len``."""
 

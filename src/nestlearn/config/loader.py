@@ -57,6 +57,33 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_named(name_or_path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A named config's mapping with its ``base:`` chain resolved (the base first, then this
+    file's keys on top). When this file changes ``model.name``, the base's model keys that the new
+    architecture does not have are dropped (``n_kv_heads`` of a Transformer base, say); the shared
+    ones (``d_model``, ``n_layers``, ...) are inherited."""
+    path = find_config(name_or_path)
+    if str(path.resolve()) in _chain:
+        cycle = " -> ".join([*_chain, str(path.resolve())])
+        raise ConfigError(f"config 'base:' chain loops: {cycle}; remove one of the bases")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be the name of a config, got {base!r}")
+    parent = read_named(base, (*_chain, str(path.resolve())))
+    parent.pop("name", None)
+    child_model = data.get("model") or {}
+    parent_model = parent.get("model") or {}
+    if isinstance(child_model, Mapping) and isinstance(parent_model, Mapping):
+        name = child_model.get("name")
+        if name is not None and name != parent_model.get("name", ModelConfig().name):
+            fields = {f.name for f in dataclasses.fields(model_config_class(str(name)))}
+            parent["model"] = {k: v for k, v in parent_model.items() if k in fields}
+    return _merge(parent, data)
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """``["train.steps=10", "model.d_model=64"]`` -> ``{"train": {"steps": 10}, ...}``.
 
@@ -200,7 +227,7 @@ def load_config(
     """Defaults < named config < overrides, validated. ``None`` means defaults only."""
     data: dict[str, Any] = {}
     if name_or_path:
-        data = read_yaml(find_config(name_or_path))
+        data = read_named(name_or_path)
         data.setdefault("name", Path(name_or_path).stem)
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
     return from_dict(_merge(data, extra))

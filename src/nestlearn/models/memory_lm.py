@@ -9,13 +9,14 @@ layer's memory and short-conv state (``blocks.{i}.*`` keys), constant in the con
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from nestlearn.config.schema import ModelConfig
-from nestlearn.errors import ConfigError
+from nestlearn.errors import ConfigError, NonFiniteMemoryError
 from nestlearn.layers import RMSNorm, SwiGLU
 from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
 from nestlearn.layers.neural_memory import NeuralMemoryMixer
@@ -35,6 +36,7 @@ class MemoryLMConfig(ModelConfig):
     conv_size: int = 4  # short causal conv on q/k/v (0 = off)
     chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
     mode: str = "chunk"  # "chunk" (training form) or "reference" (sequential loop, for checks)
+    check_finite: bool = False  # raise naming the first layer/token whose memory went non-finite
 
 
 @dataclass(kw_only=True)
@@ -51,7 +53,12 @@ class TitansLMMConfig(MemoryLMConfig):
 
 
 class MemoryBlock(nn.Module):
-    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``.
+
+    With ``check_finite`` set (by the model, from ``model.check_finite``), the mixer's output and
+    new state are checked after every call (:func:`check_memory_finite`); ``start`` is the
+    absolute position of ``x[:, 0]`` so the error can name the token.
+    """
 
     def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden: int, eps: float) -> None:
         super().__init__()
@@ -59,11 +66,34 @@ class MemoryBlock(nn.Module):
         self.mixer = mixer
         self.mlp_norm = RMSNorm(d_model, eps)
         self.mlp = SwiGLU(d_model, mlp_hidden)
+        self.check_finite: str | None = None  # the layer's name in error messages, when on
 
-    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
-        y, state = self.mixer(self.mixer_norm(x), state)
+    def forward(
+        self, x: torch.Tensor, state: State | None, start: int = 0
+    ) -> tuple[torch.Tensor, State | None]:
+        h = self.mixer_norm(x)
+        y, new_state = self.mixer(h, state)
+        if self.check_finite is not None:
+            check_memory_finite(self.check_finite, h, y, new_state, start, self._reference(state))
+        state = new_state
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
+
+    def _reference(self, state: State | None):
+        """The mixer's sequential form on the same input and state, to locate a non-finite token
+        exactly (chunkwise forms mix the tokens of a chunk, so NaN spreads inside it)."""
+        if getattr(self.mixer, "mode", None) != "chunk":
+            return None
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            self.mixer.mode = "reference"
+            try:
+                with torch.no_grad():
+                    return self.mixer(h, None if state is None else dict(state))[0]
+            finally:
+                self.mixer.mode = "chunk"
+
+        return run
 
 
 class MemoryLM(LanguageModel):
@@ -84,6 +114,9 @@ class MemoryLM(LanguageModel):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        if config.check_finite:
+            for i, block in enumerate(self.blocks):
+                block.check_finite = f"block {i} ({config.name} mixer)"
         self.reset_parameters()
 
     def build_mixer(self, config: MemoryLMConfig) -> nn.Module:
@@ -114,6 +147,7 @@ class MemoryLM(LanguageModel):
         check_tokens(tokens, self.config.vocab_size, None)
         x = self.embed(tokens)  # [B, T, d_model]
         new_state: State | None = None if state is None else {"pos": state["pos"] + tokens.shape[1]}
+        start = 0 if state is None or not self.config.check_finite else int(state["pos"])
         for i, block in enumerate(self.blocks):
             sub = None
             if state is not None:
@@ -124,7 +158,7 @@ class MemoryLM(LanguageModel):
                         f"state has no entries for block {i} ('{prefix}*'): a state from another "
                         "model? Make one with model.init_state(batch_size)"
                     )
-            x, sub = block(x, sub)
+            x, sub = block(x, sub, start)
             if new_state is not None:
                 new_state.update({f"blocks.{i}.{k}": v for k, v in sub.items()})
         return self.head(self.norm(x)), new_state
@@ -134,6 +168,47 @@ class MemoryLM(LanguageModel):
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         mixers = sum(block.mixer.flops_per_token(seq_len) for block in self.blocks)
         return 6.0 * n_matmul + 3.0 * mixers
+
+
+def check_memory_finite(
+    layer: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: State | None,
+    start: int = 0,
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Raise :class:`NonFiniteMemoryError` naming ``layer`` and the first token (absolute position
+    ``start + t``) whose mixer output ``y`` is non-finite.
+
+    Memories are read after the write (SPEC §2.1), so the output at token ``t`` is the first place
+    where a memory that went non-finite at ``t`` shows. Chunkwise forms spread a NaN over the
+    tokens of its chunk, so when ``reference`` (the mixer's sequential form on ``x``) is given it
+    is run to find the token. A non-finite input ``x`` at that token is reported as the cause; a
+    finite output with a non-finite returned state is reported as the state after the last token.
+    """
+    bad_out = ~torch.isfinite(y).flatten(2).all(-1)  # [B, T]
+    if bad_out.any() and reference is not None:
+        bad_ref = ~torch.isfinite(reference(x)).flatten(2).all(-1)
+        bad_out = bad_ref if bad_ref.any() else bad_out
+    if bad_out.any():
+        first = bad_out.float().argmax(dim=1)  # first bad token per row
+        rows = bad_out.any(dim=1).nonzero().flatten()
+        b = int(rows[first[rows].argmin()])
+        t = int(first[b])
+        cause = "its memory"
+        if not torch.isfinite(x[b, t]).all():
+            cause = "its input (an earlier layer or the embedding)"
+        raise NonFiniteMemoryError(
+            f"{layer}: {cause} went non-finite at token {start + t} (batch row {b}); lower the "
+            "inner learning rate (e.g. model.memory_max_lr) or the outer lr, or train in fp32"
+        )
+    if state is not None:
+        for key, value in state.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise NonFiniteMemoryError(
+                    f"{layer}: state '{key}' is non-finite after token {start + y.shape[1] - 1}"
+                )
 
 
 def _validate(cfg: MemoryLMConfig) -> None:
