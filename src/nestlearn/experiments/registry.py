@@ -1,0 +1,24 @@
+"""Names of experiments and the modules that run them (imported lazily: some need extras)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+from nestlearn.errors import ConfigError
+
+# name -> (module, one-line summary). A module defines ``main(argv: list[str]) -> int``.
+EXPERIMENTS: dict[str, tuple[str, str]] = {}
+
+
+def available_experiments() -> list[str]:
+    return sorted(EXPERIMENTS)
+
+
+def run_experiment(name: str, argv: Sequence[str] = ()) -> int:
+    """Import the experiment's module and run its ``main`` with ``argv``."""
+    if name not in EXPERIMENTS:
+        known = ", ".join(available_experiments()) or "(none yet)"
+        raise ConfigError(f"no experiment '{name}'; available: {known}")
+    module = importlib.import_module(EXPERIMENTS[name][0])
+    return int(module.main(list(argv)) or 0)
