@@ -42,7 +42,7 @@ def test_a_base_loop_is_an_error(tmp_path):
 
 def test_a_missing_base_names_the_known_configs(tmp_path):
     bad = write(tmp_path / "bad.yaml", "base: no_such_config\n")
-    with pytest.raises(ConfigError, match="no config named 'no_such_config'.*tiny"):
+    with pytest.raises(ConfigError, match=r"no config named 'no_such_config'.*tiny"):
         load_config(str(bad))
 
 

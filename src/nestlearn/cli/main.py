@@ -1,4 +1,4 @@
-"""``nestlearn``: train, eval, generate, info, demo, bench, experiment.
+"""``nestlearn``: train, eval, generate, info, demo, bench, experiment, report.
 
 Every command takes an optional named config (or YAML path) and ``section.key=value`` overrides.
 User errors (:class:`~nestlearn.errors.NestlearnError`) print one line and exit with status 2.
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from nestlearn import __version__
-from nestlearn.cli import bench, demo, evaluate, experiment, generate, info, train
+from nestlearn.cli import bench, demo, evaluate, experiment, generate, info, report, train
 from nestlearn.errors import NestlearnError
 
 COMMANDS = {
@@ -22,6 +22,7 @@ COMMANDS = {
     "demo": demo,
     "bench": bench,
     "experiment": experiment,
+    "report": report,
 }
 
 

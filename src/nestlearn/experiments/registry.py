@@ -8,7 +8,20 @@ from collections.abc import Sequence
 from nestlearn.errors import ConfigError
 
 # name -> (module, one-line summary). A module defines ``main(argv: list[str]) -> int``.
-EXPERIMENTS: dict[str, tuple[str, str]] = {}
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "mqar": (
+        "nestlearn.experiments.mqar",
+        "multi-query associative recall: accuracy per (sequence length, pairs), Zoology protocol",
+    ),
+    "niah": (
+        "nestlearn.experiments.niah",
+        "needle in a haystack (S-NIAH passkey/number/uuid): accuracy per (length, depth) heat map",
+    ),
+    "perplexity": (
+        "nestlearn.experiments.perplexity",
+        "perplexity and bits/byte: independent chunks, sliding windows, recurrent streaming",
+    ),
+}
 
 
 def available_experiments() -> list[str]:

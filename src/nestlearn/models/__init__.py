@@ -6,6 +6,7 @@ Importing an architecture's module registers it (``memory_lm``, ``transformer``)
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.memory_lm import MemoryLMConfig, TitansLMMConfig
 from nestlearn.models.registry import available_models, build_model, register_model
+from nestlearn.models.titans import TitansCompositionConfig  # noqa: F401 (registers MAC/MAG/MAL)
 from nestlearn.models.transformer import Transformer, TransformerConfig
 
 __all__ = [

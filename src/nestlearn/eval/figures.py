@@ -1,0 +1,144 @@
+"""The experiments' figures: accuracy curves (MQAR), heat maps (NIAH), grouped bars (perplexity).
+
+Each function draws with matplotlib's Agg backend and writes a PNG atomically; missing values
+(``None``: a setting a model could not run) are left blank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+Series = Mapping[str, tuple[Sequence[float], Sequence[float | None]]]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    _pyplot().close(fig)
+    tmp.replace(path)
+
+
+def _nan(values: Sequence[float | None]) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def plot_curves(
+    panels: Mapping[str, Series],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    ylim: tuple[float, float] | None = (0.0, 1.02),
+    logx: bool = False,
+    baseline: float | None = None,
+) -> None:
+    """One panel per key of ``panels``; in each, one line per series name (same colour across).
+
+    ``logx``: a base-2 x axis with a tick at every x value (pair counts, lengths); ``baseline``:
+    a dashed grey line (chance)."""
+    plt = _pyplot()
+    names = list(dict.fromkeys(name for series in panels.values() for name in series))
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, 3.4), dpi=120, squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items(), strict=False):
+        for name, (xs, ys) in series.items():
+            color = f"C{names.index(name) % 10}"
+            ax.plot(list(xs), _nan(ys), marker="o", lw=1.6, color=color, label=name)
+        if baseline is not None:
+            ax.axhline(baseline, color="0.5", ls="--", lw=1.0, label="chance")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(xlabel)
+        if logx:
+            ticks = sorted({x for xs, _ in series.values() for x in xs})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+            ax.minorticks_off()
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_heatmaps(
+    panels: Mapping[str, Sequence[Sequence[float | None]]],
+    path: Path,
+    *,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> None:
+    """One heat map per panel: ``grid[i][j]`` in [0, 1] at row ``rows[i]``, column ``cols[j]``;
+    each cell is annotated with its value (blank where None)."""
+    import numpy as np
+
+    plt = _pyplot()
+    n = max(1, len(panels))
+    width = 0.5 * len(cols) + 1.6
+    fig, axes = plt.subplots(
+        1, n, figsize=(width * n + 1.0, 0.42 * len(rows) + 2.0), dpi=120, squeeze=False,
+        layout="constrained",
+    )  # fmt: skip
+    image = None
+    for ax, (panel, grid) in zip(axes[0], panels.items(), strict=False):
+        values = np.array([_nan(r) for r in grid], dtype=float)
+        image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        for (i, j), v in np.ndenumerate(values):
+            if not math.isnan(v):
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(cols)), list(cols), fontsize=8, rotation=45)
+        ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel, fontsize=10)
+    axes[0][0].set_ylabel(ylabel)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), fraction=0.05, label="accuracy")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    _save(fig, path)
+
+
+def plot_bars(
+    groups: Mapping[str, Mapping[str, float | None]],
+    path: Path,
+    *,
+    ylabel: str,
+    title: str = "",
+) -> None:
+    """Grouped bars: one group per key of ``groups``, one bar per inner key."""
+    plt = _pyplot()
+    kinds = list(dict.fromkeys(k for bars in groups.values() for k in bars))
+    width = 0.8 / max(1, len(kinds))
+    fig, ax = plt.subplots(figsize=(1.2 * len(groups) * max(1, len(kinds)) ** 0.5 + 2.5, 3.6))
+    for j, kind in enumerate(kinds):
+        xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(groups))]
+        ys = _nan([bars.get(kind) for bars in groups.values()])
+        bars = ax.bar(xs, ys, width=width, label=kind, color=f"C{j % 10}")
+        ax.bar_label(bars, fmt="%.4g", fontsize=7)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if title:
+        ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)

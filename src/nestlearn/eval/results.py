@@ -1,0 +1,72 @@
+"""The result files every experiment writes, which ``nestlearn report`` gathers.
+
+``OUT/result.json``::
+
+    {"experiment": "mqar",              # the experiment's name (the report groups by it)
+     "nestlearn": "0.1.0", "created": "2025-01-01T12:00:00+0000",
+     "args": {...},                     # the parsed command line
+     "table": {"headers": [...], "rows": [[...], ...]},   # the summary table
+     "figures": ["mqar.png"],           # paths relative to OUT
+     "results": [...]}                  # the experiment's full numbers
+
+``OUT/results.md`` holds the same table in markdown with the figures linked below it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nestlearn import __version__
+from nestlearn.train.report import markdown_table
+from nestlearn.utils.io import atomic_write_text
+
+RESULT_FILE = "result.json"
+MARKDOWN_FILE = "results.md"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with non-finite floats as ``None`` (JSON has no NaN), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_result(
+    out_dir: Path,
+    experiment: str,
+    *,
+    args: Mapping[str, Any],
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    figures: Sequence[str] = (),
+    results: Any = None,
+    title: str = "",
+) -> Path:
+    """Write ``result.json`` and ``results.md`` into ``out_dir``; return the JSON's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "experiment": experiment,
+        "nestlearn": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "args": dict(args),
+        "table": {"headers": list(headers), "rows": [list(r) for r in rows]},
+        "figures": list(figures),
+        "results": results,
+    }
+    path = out_dir / RESULT_FILE
+    atomic_write_text(path, json.dumps(_plain(record), indent=2, default=str) + "\n")
+    shown = [["—" if v is None else v for v in row] for row in rows]
+    text = f"# {title or experiment}\n\n" + markdown_table(headers, shown)
+    text += "".join(f"\n![{Path(f).stem}]({f})\n" for f in figures)
+    atomic_write_text(out_dir / MARKDOWN_FILE, text)
+    return path
