@@ -146,6 +146,12 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{where}: expected {hint}, got {value!r}")
+    if origin is list:
+        # ``model.cms_chunk_sizes=[8,32]`` arrives as a YAML list; each entry is checked.
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list like [1, 2], got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -253,7 +259,17 @@ def replace(cfg: RunConfig, overrides: Iterable[str] | Mapping[str, Any]) -> Run
 
 _CHOICES = {
     ("data", "tokenizer"): ("bpe", "byte"),
-    ("optim", "name"): ("adamw",),
+    ("optim", "name"): (
+        "adamw",
+        "adam_memory",
+        "momentum",
+        "preconditioned",
+        "delta_momentum",
+        "dmgd",
+        "muon",
+        "dgd",
+        "m3",
+    ),
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
 }
@@ -292,6 +308,34 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"optim.{beta}={value} must be in [0, 1)")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
+    # Deep optimizers' settings (their classes check the same ranges at construction).
+    ranges = {
+        "eps": (cfg.optim.eps > 0, "> 0"),
+        "weight_decay": (cfg.optim.weight_decay >= 0, ">= 0"),
+        "matrix_lr": (cfg.optim.matrix_lr >= 0, ">= 0 (0 = the optimizer's default)"),
+        "momentum": (0.0 <= cfg.optim.momentum < 1.0, "in [0, 1)"),
+        "ns_steps": (cfg.optim.ns_steps >= 1, ">= 1"),
+        "delta_gamma": (0.0 <= cfg.optim.delta_gamma <= 1.0, "in [0, 1]"),
+        "dmgd_depth": (cfg.optim.dmgd_depth >= 1, ">= 1"),
+        "dmgd_hidden": (cfg.optim.dmgd_hidden >= 0, ">= 0 (0 = the smaller side of the matrix)"),
+        "m3_frequency": (cfg.optim.m3_frequency >= 1, ">= 1"),
+        "m3_alpha": (cfg.optim.m3_alpha >= 0, ">= 0"),
+        "m3_beta1": (0.0 < cfg.optim.m3_beta1 <= 1.0, "in (0, 1]"),
+        "m3_beta2": (0.0 < cfg.optim.m3_beta2 <= 1.0, "in (0, 1]"),
+        "m3_beta3": (0.0 < cfg.optim.m3_beta3 <= 1.0, "in (0, 1]"),
+    }
+    for key, (ok, expected) in ranges.items():
+        if not ok:
+            raise ConfigError(f"optim.{key}={getattr(cfg.optim, key)} must be {expected}")
+    choices = {
+        "preconditioner": ("identity", "diagonal", "kronecker"),
+        "dmgd_objective": ("dot", "l2"),
+    }
+    for key, valid in choices.items():
+        if getattr(cfg.optim, key) not in valid:
+            raise ConfigError(
+                f"optim.{key}={getattr(cfg.optim, key)!r}; choose one of {', '.join(valid)}"
+            )
     if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size < 260:
         raise ConfigError(
             f"data.vocab_size={cfg.data.vocab_size} is too small for BPE "

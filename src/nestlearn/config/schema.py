@@ -50,7 +50,10 @@ class DataConfig:
 class OptimConfig:
     """The outer optimizer and its learning-rate schedule."""
 
-    name: str = "adamw"  # optimizer (only "adamw" until the deep-optimizer issue lands)
+    # "adamw", or a deep optimizer (docs/optimizers.md) on the matrices with AdamW (lr, betas,
+    # eps below) on embeddings, head, norms and biases: adam_memory, momentum, preconditioned,
+    # delta_momentum, dmgd, muon, dgd, m3
+    name: str = "adamw"
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine floor)
     warmup_steps: int = 100  # linear warmup from 0 to lr
@@ -60,6 +63,23 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # decoupled, on matrices only (not norms, gains, embeddings)
     grad_clip: float = 1.0  # max global grad norm (0 = off)
+    # Deep optimizers (ignored by adamw); they share the warmup + cosine schedule.
+    matrix_lr: float = 0.0  # peak lr of the matrix optimizer (0 = its default, docs/optimizers.md)
+    momentum: float = 0.95  # momentum / retention α (momentum, preconditioned, delta_momentum,
+    # dmgd, muon)
+    nesterov: bool = True  # muon: Nesterov read-out of the momentum
+    ns_steps: int = 5  # muon, m3: Newton–Schulz iterations
+    preconditioner: str = "diagonal"  # preconditioned: identity, diagonal or kronecker
+    delta_gamma: float = 0.5  # delta_momentum: fraction γ ∈ [0, 1] erased along the gradient
+    dmgd_depth: int = 2  # dmgd: linear maps of the momentum MLP (1 = plain momentum)
+    dmgd_hidden: int = 0  # dmgd: hidden width (0 = the smaller side of the matrix)
+    dmgd_objective: str = "dot"  # dmgd: inner objective, "dot" (paper) or "l2"
+    m3_frequency: int = 8  # m3: steps per slow chunk (update period of the slow momentum)
+    m3_alpha: float = 1.0  # m3: weight of the slow momentum's output
+    m3_beta1: float = 0.1  # m3: write strength of the fast momentum
+    m3_beta2: float = 0.05  # m3: write strength of the second moment
+    m3_beta3: float = 0.5  # m3: write strength of the slow momentum
+    m3_ema: bool = False  # m3: EMA accumulators (ours) instead of the paper's sums
 
 
 @dataclass(kw_only=True)
