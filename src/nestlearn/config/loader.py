@@ -272,6 +272,12 @@ _CHOICES = {
     ),
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
+    ("train", "compile_mode"): (
+        "default",
+        "reduce-overhead",
+        "max-autotune",
+        "max-autotune-no-cudagraphs",
+    ),
 }
 
 _POSITIVE = {

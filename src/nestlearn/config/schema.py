@@ -101,6 +101,10 @@ class TrainConfig:
     out_dir: str = "runs/default"  # run directory (config, metrics, checkpoints, report)
     max_minutes: float = 0.0  # wall-clock budget; stops early with a checkpoint (0 = none)
     progress: bool = True  # show a progress bar
+    compile: bool = False  # torch.compile the model in place (first steps compile; docs/scale.md)
+    compile_mode: str = "default"  # default, reduce-overhead, max-autotune(-no-cudagraphs)
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory)
+    level_periods: str = ""  # outer levels: "" off, "cms" (CMS level l every C(l) steps), "glob=p"
 
 
 @dataclass(kw_only=True)

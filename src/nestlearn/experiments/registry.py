@@ -9,6 +9,14 @@ from nestlearn.errors import ConfigError
 
 # name -> (module, one-line summary). A module defines ``main(argv: list[str]) -> int``.
 EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "continual": (
+        "nestlearn.experiments.continual",
+        "class-incremental classification (stdlib, CLINC, Banking, DBpedia): ACC, BWT, R[i, j]",
+    ),
+    "test_time": (
+        "nestlearn.experiments.test_time",
+        "memories keep learning across documents vs reset: fact recall and forgetting",
+    ),
     "mqar": (
         "nestlearn.experiments.mqar",
         "multi-query associative recall: accuracy per (sequence length, pairs), Zoology protocol",
@@ -20,6 +28,10 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "perplexity": (
         "nestlearn.experiments.perplexity",
         "perplexity and bits/byte: independent chunks, sliding windows, recurrent streaming",
+    ),
+    "zero_shot": (
+        "nestlearn.experiments.zero_shot",
+        "zero-shot commonsense tasks through lm-evaluation-harness (needs lm_eval)",
     ),
 }
 

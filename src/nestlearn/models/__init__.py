@@ -4,6 +4,8 @@ Importing an architecture's module registers it (``memory_lm``, ``transformer``)
 """
 
 from nestlearn.models.base import LanguageModel, State
+from nestlearn.models.hope import HopeAttentionConfig  # noqa: F401 (registers hope_attention)
+from nestlearn.models.hope_titans import HopeConfig  # noqa: F401 (registers hope)
 from nestlearn.models.memory_lm import MemoryLMConfig, TitansLMMConfig
 from nestlearn.models.registry import available_models, build_model, register_model
 from nestlearn.models.titans import TitansCompositionConfig  # noqa: F401 (registers MAC/MAG/MAL)

@@ -31,6 +31,7 @@ from nestlearn.errors import CheckpointError, ConfigError, NonFiniteLossError
 from nestlearn.eval.perplexity import evaluate_lm, unigram_metrics, upcast
 from nestlearn.models.registry import build_model
 from nestlearn.models.summary import count_parameters
+from nestlearn.train.activation_checkpointing import apply_activation_checkpointing
 from nestlearn.train.checkpoint import (
     list_checkpoints,
     load_weights,
@@ -39,6 +40,8 @@ from nestlearn.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from nestlearn.train.compile import maybe_compile
+from nestlearn.train.level_steps import LevelSteps
 from nestlearn.train.metrics import MetricsLog, read_metrics
 from nestlearn.train.optim import build_optimizer, build_scheduler
 from nestlearn.train.report import markdown_table, plot_losses, write_markdown
@@ -129,8 +132,13 @@ class Trainer:
         self.token_bytes = self.corpus.tokenizer.token_byte_lengths()
         seed_everything(self.cfg.train.seed)
         self.model = build_model(self.cfg.model).to(self.runtime.device)
+        if self.cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        maybe_compile(self.model, self.cfg.train.compile, self.cfg.train.compile_mode)
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.steps)
+        # Parameters stepped every p optimizer steps (SPEC §4 outer level); None when off.
+        self.level_steps = LevelSteps.from_spec(self.model, self.cfg.train.level_periods)
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
@@ -177,6 +185,8 @@ class Trainer:
         state = loaded.trainer_state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.level_steps is not None and "level_steps" in state:
+            self.level_steps.load_state_dict(state["level_steps"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
@@ -187,7 +197,9 @@ class Trainer:
         self.last_checkpoint = loaded.path
 
     def trainer_state(self) -> dict[str, Any]:
+        extra = {} if self.level_steps is None else {"level_steps": self.level_steps.state_dict()}
         return {
+            **extra,
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -249,6 +261,8 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not math.isfinite(grad_norm):
             raise self._non_finite("the gradient norm", grad_norm)
+        if self.level_steps is not None:
+            self.level_steps.apply(self.step)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1

@@ -1,0 +1,307 @@
+"""HOPE language models: a sequence mixer then a Continuum Memory System per block (SPEC §5).
+
+tokens -> embed -> n_layers x [x + mixer(norm(x)); x + cms(x)] -> norm -> head -> logits
+
+:class:`HopeLM` is generic in the mixer (:meth:`HopeLM.build_mixer`); ``hope_attention`` uses
+softmax attention (a Transformer whose MLP is a CMS). Each CMS level carries its own pre-norm
+inside the CMS (:mod:`nestlearn.layers.cms`), so with one level this is exactly
+``x + mlp(norm(x))``. Decoding state: ``pos`` and, per block ``i``, ``blocks.{i}.mixer.*`` and
+``blocks.{i}.cms.*``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nestlearn.config.schema import ModelConfig
+from nestlearn.errors import ConfigError
+from nestlearn.layers import CausalSelfAttention, RMSNorm, rope_tables
+from nestlearn.layers.cms import ContinuumMemory, Teacher, check_cms_options
+from nestlearn.models.base import LanguageModel, State
+from nestlearn.models.common import check_tokens, init_decoder_weights
+from nestlearn.models.registry import register_model
+from nestlearn.models.transformer import default_mlp_hidden
+
+
+@dataclass(kw_only=True)
+class CMSFields:
+    """The CMS part of a HOPE config; mix into any model config that uses :class:`HopeLM`."""
+
+    cms_chunk_sizes: list[int] = field(default_factory=lambda: [64, 16])  # C(l) per level
+    cms_lrs: list[float] = field(default_factory=lambda: [0.5, 0.5])  # inner lr η(l) ∈ (0, 1]
+    cms_hidden: int = 0  # SwiGLU width per level (0 = 8/3·d_model / k, multiple of 32)
+    cms_variant: str = "sequential"  # "sequential", "nested" or "independent"
+    cms_objective: str = "teach"  # error source: "teach" or "local" (docs/cms.md)
+    cms_optimizer: str = "gd"  # inner optimizer: "gd", "momentum" or "dgd"
+    cms_momentum: float = 0.9  # μ of the "momentum" inner optimizer
+    cms_detach_inner: bool = False  # stop-gradient through the inner error terms
+    cms_mode: str = "chunk"  # "chunk" (training form) or "reference" (token loop, for checks)
+
+
+@dataclass(kw_only=True)
+class HopeAttentionConfig(CMSFields, ModelConfig):
+    """HOPE-attention: softmax attention as the mixer, a CMS as the MLP."""
+
+    n_heads: int = 4  # query heads; d_model / n_heads is the head dimension
+    n_kv_heads: int = 0  # key/value heads for grouped-query attention (0 = n_heads)
+    rope_theta: float = 10000.0  # RoPE base
+
+
+def cms_hidden(config: CMSFields, d_model: int) -> int:
+    """``cms_hidden``, or ``8/3·d_model / k`` rounded up to 32: k levels with the parameters of
+    one Transformer MLP."""
+    if config.cms_hidden:
+        return config.cms_hidden
+    k = max(1, len(config.cms_chunk_sizes))
+    return 32 * math.ceil(default_mlp_hidden(d_model) / k / 32)
+
+
+class HopeBlock(nn.Module):
+    """``x + mixer(norm(x))``, then ``x + cms(x)`` (the CMS normalizes per level)."""
+
+    def __init__(self, mixer: nn.Module, cms: ContinuumMemory, d_model: int, eps: float) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(d_model, eps)
+        self.mixer = mixer
+        self.cms = cms
+
+    def forward(
+        self, x: torch.Tensor, state: State | None, teacher: Teacher | None = None
+    ) -> tuple[torch.Tensor, State | None]:
+        mixer_state = cms_state = None
+        if state is not None:
+            mixer_state, cms_state = _split(state, "mixer."), _split(state, "cms.")
+            if not cms_state:
+                raise ValueError(
+                    "state has no CMS entries ('cms.*') for this block: a state from another "
+                    "model? Make one with model.init_state(batch_size)"
+                )
+        y, mixer_state = self.mixer(self.mixer_norm(x), mixer_state)
+        x = x + y
+        y, cms_state = self.cms(x, cms_state, teacher)
+        if state is None:
+            return x + y, None
+        new = {f"mixer.{k}": v for k, v in mixer_state.items()}
+        new.update({f"cms.{k}": v for k, v in cms_state.items()})
+        return x + y, new
+
+
+class HopeLM(LanguageModel):
+    """Embedding, HOPE blocks, final norm, tied or untied head; subclasses pick the mixer."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        validate_hope(config)
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            HopeBlock(
+                self.build_mixer(config), self.build_cms(config), config.d_model, config.norm_eps
+            )
+            for _ in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def build_mixer(self, config: ModelConfig) -> nn.Module:
+        """The sequence mixer of one block: ``forward(x, state) -> (y, state)``, ``init_state``."""
+        raise NotImplementedError
+
+    def build_cms(self, config: ModelConfig) -> ContinuumMemory:
+        return ContinuumMemory(
+            config.d_model,
+            cms_hidden(config, config.d_model),
+            config.cms_chunk_sizes,
+            config.cms_lrs,
+            variant=config.cms_variant,
+            objective=config.cms_objective,
+            optimizer=config.cms_optimizer,
+            momentum=config.cms_momentum,
+            detach_inner=config.cms_detach_inner,
+            mode=config.cms_mode,
+            eps=config.norm_eps,
+        )
+
+    def mixer_outputs(self, mixer: nn.Module) -> list[nn.Linear]:
+        """The mixer's maps that write into the residual stream (their init is depth-scaled)."""
+        heads = getattr(mixer, "heads", None)
+        return [heads.o_proj] if heads is not None else []
+
+    def reset_parameters(self) -> None:
+        cfg = self.config
+        outputs = [p for block in self.blocks for p in self.mixer_outputs(block.mixer)]
+        init_decoder_weights(self, cfg.init_std, cfg.n_layers, outputs)
+        for block in self.blocks:
+            block.cms.reset_parameters(cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+            if hasattr(block.mixer, "reset_memory_parameters"):
+                block.mixer.reset_memory_parameters()
+
+    @property
+    def context_limit(self) -> int | None:
+        return None
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        param = self.embed.weight
+        device = param.device if device is None else device
+        state: State = {"pos": torch.zeros((), dtype=torch.long, device=device)}
+        for i, block in enumerate(self.blocks):
+            parts = (("mixer", block.mixer), ("cms", block.cms))
+            for name, module in parts:
+                for key, value in module.init_state(batch_size, device, param.dtype).items():
+                    state[f"blocks.{i}.{name}.{key}"] = value
+        return state
+
+    def forward(
+        self, tokens: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, State | None]:
+        pos = 0 if state is None else int(state["pos"])
+        check_tokens(tokens, self.config.vocab_size, self.context_limit, pos, state is not None)
+        x = self.embed(tokens)  # [B, T, d_model]
+        teacher = None
+        if self.config.cms_objective == "teach":
+            teacher = Teacher(self.next_token_error, tokens)
+        new_state: State | None = None if state is None else {"pos": state["pos"] + tokens.shape[1]}
+        for i, block in enumerate(self.blocks):
+            sub = None
+            if state is not None:
+                sub = _split(state, f"blocks.{i}.")
+                if not sub:
+                    raise ValueError(
+                        f"state has no entries for block {i} ('blocks.{i}.*'): a state from "
+                        "another model? Make one with model.init_state(batch_size)"
+                    )
+            x, sub = block(x, sub, teacher)
+            if new_state is not None:
+                new_state.update({f"blocks.{i}.{k}": v for k, v in sub.items()})
+        return self.head(self.norm(x)), new_state
+
+    def next_token_error(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The teach signal: ``∂ CE(head(norm(h_s)), targets_s) / ∂h_s`` per position, through
+        the final norm and the head only, computed by hand (no autograd: it also runs under
+        ``torch.inference_mode``) and detached. ``h [B, n, d]``, ``targets [B, n]``."""
+        with torch.no_grad():
+            h = h.detach().to(torch.promote_types(h.dtype, torch.float32))
+            gain, weight = self.norm.weight.to(h.dtype), self.head.weight.to(h.dtype)
+            r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm.eps)  # [B, n, 1]
+            probs = torch.softmax((h * r * gain) @ weight.mT, dim=-1)  # [B, n, V]
+            probs.scatter_add_(-1, targets.unsqueeze(-1), -torch.ones_like(probs[..., :1]))
+            e = (probs @ weight) * gain  # ∂CE/∂(h·r) [B, n, d]
+            # RMSNorm backward: r·e − h·r³·mean(h ⊙ e).
+            delta = r * e - h * r.pow(3) * (h * e).mean(-1, keepdim=True)
+        return delta.to(self.embed.weight.dtype)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """``6·N`` for the linear maps (head included), 3x each mixer's and CMS's forward FLOPs,
+        and with ``teach`` a forward and a hand-written backward of the head (``4·V·d``) per
+        updating level and block (not differentiated: stop-gradient)."""
+        cfg = self.config
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        inner = sum(
+            block.mixer.flops_per_token(seq_len) + block.cms.flops_per_token(seq_len)
+            for block in self.blocks
+        )
+        teach = 0.0
+        if cfg.cms_objective == "teach":
+            updating = sum(c < seq_len for c in cfg.cms_chunk_sizes)
+            teach = cfg.n_layers * updating * 4.0 * cfg.vocab_size * cfg.d_model
+        return 6.0 * n_matmul + 3.0 * inner + teach
+
+
+class AttentionMixer(nn.Module):
+    """Causal softmax attention with RoPE and a KV cache in a plain state dict (``k``, ``v``
+    ``[B, H_kv, max_seq_len, D]``, written in place like the Transformer's, and ``pos``)."""
+
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int, max_seq_len: int, rope_theta: float
+    ) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(d_model, n_heads, n_kv_heads)
+        self.max_seq_len = max_seq_len
+        cos, sin = rope_tables(self.attn.head_dim, max_seq_len, rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, D]
+        self.register_buffer("rope_sin", sin, persistent=False)  # [max_seq_len, D]
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        shape = (batch_size, self.attn.n_kv_heads, self.max_seq_len, self.attn.head_dim)
+        return {
+            "k": torch.zeros(shape, dtype=dtype, device=device),
+            "v": torch.zeros(shape, dtype=dtype, device=device),
+            "pos": torch.zeros((), dtype=torch.long, device=device),
+        }
+
+    def forward(
+        self, x: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, State | None]:
+        if state is None:
+            return self.attn(x, self.rope_cos, self.rope_sin), None
+        pos = int(state["pos"])
+        y = self.attn(x, self.rope_cos, self.rope_sin, (state["k"], state["v"]), pos)
+        return y, {"k": state["k"], "v": state["v"], "pos": state["pos"] + x.shape[1]}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """``q kᵀ`` and ``attn·v``: ``4·d·seq_len`` forward (PaLM's count, no causal halving)."""
+        return 4.0 * self.attn.n_heads * self.attn.head_dim * seq_len
+
+
+@register_model("hope_attention", HopeAttentionConfig)
+class HopeAttentionLM(HopeLM):
+    """HOPE-attention (SPEC §5): a Transformer++ whose MLPs are Continuum Memory Systems."""
+
+    def build_mixer(self, config: HopeAttentionConfig) -> nn.Module:
+        if config.n_heads <= 0 or config.n_kv_heads < 0:
+            raise ConfigError("model.n_heads must be > 0 and model.n_kv_heads >= 0")
+        n_kv = config.n_kv_heads or config.n_heads
+        if config.d_model % config.n_heads or config.n_heads % n_kv:
+            raise ConfigError(
+                f"model.d_model={config.d_model} must be divisible by model.n_heads="
+                f"{config.n_heads}, and n_heads by model.n_kv_heads={n_kv}"
+            )
+        if config.rope_theta <= 0:
+            raise ConfigError(f"model.rope_theta={config.rope_theta} must be > 0")
+        return AttentionMixer(
+            config.d_model, config.n_heads, n_kv, config.max_seq_len, config.rope_theta
+        )
+
+    def mixer_outputs(self, mixer: nn.Module) -> list[nn.Linear]:
+        return [mixer.attn.out]
+
+    @property
+    def context_limit(self) -> int | None:
+        return self.config.max_seq_len
+
+
+def validate_hope(cfg: ModelConfig) -> None:
+    """ConfigError naming the ``model.*`` field for an impossible HOPE config."""
+    for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"model.{name}={getattr(cfg, name)} must be > 0")
+    if cfg.norm_eps <= 0 or cfg.init_std < 0:
+        raise ConfigError("model.norm_eps must be > 0 and model.init_std >= 0")
+    if cfg.cms_hidden < 0:
+        raise ConfigError(f"model.cms_hidden={cfg.cms_hidden} must be >= 0 (0 = default)")
+    try:
+        check_cms_options(
+            cfg.d_model,
+            cms_hidden(cfg, cfg.d_model),
+            cfg.cms_chunk_sizes,
+            cfg.cms_lrs,
+            cfg.cms_variant,
+            cfg.cms_objective,
+            cfg.cms_optimizer,
+            cfg.cms_momentum,
+            cfg.cms_mode,
+            prefix="model.cms_",
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _split(state: State, prefix: str) -> State:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
