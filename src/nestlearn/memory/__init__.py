@@ -3,11 +3,19 @@
 - :mod:`~nestlearn.memory.rules`: objectives, momentum, retention, DGD projection (SPEC S-1).
 - :mod:`~nestlearn.memory.matrix`: linear attention, GLA, DeltaNet, Gated DeltaNet as one op.
 - :mod:`~nestlearn.memory.mlp`: Titans' MLP memory trained by chunked gradient descent.
+- :mod:`~nestlearn.memory.dgd_mlp`, :mod:`~nestlearn.memory.self_modifying`: self-modifying
+  Titans (MLP memories written by delta gradient descent; ``docs/self-modifying-titans.md``).
+- :mod:`~nestlearn.memory.cms`: the Continuum Memory System's levels (``docs/cms.md``).
 
 Each op has a sequential reference, a chunkwise-parallel form and a one-token step with the same
 signature; derivations are in this folder's README.
 """
 
+from nestlearn.memory.dgd_mlp import (
+    dgd_mlp_memory_chunk,
+    dgd_mlp_memory_reference,
+    dgd_mlp_memory_step,
+)
 from nestlearn.memory.matrix import (
     matrix_memory,
     matrix_memory_chunk,
@@ -21,10 +29,24 @@ from nestlearn.memory.mlp import (
     mlp_memory_step,
 )
 from nestlearn.memory.rules import get_objective
+from nestlearn.memory.self_modifying import (
+    SelfModifyingOptions,
+    SelfModifyingParams,
+    init_self_modifying_state,
+    self_modifying_chunk,
+    self_modifying_reference,
+    self_modifying_step,
+)
 
 __all__ = [
+    "SelfModifyingOptions",
+    "SelfModifyingParams",
+    "dgd_mlp_memory_chunk",
+    "dgd_mlp_memory_reference",
+    "dgd_mlp_memory_step",
     "get_objective",
     "init_mlp_memory_state",
+    "init_self_modifying_state",
     "matrix_memory",
     "matrix_memory_chunk",
     "matrix_memory_reference",
@@ -32,4 +54,7 @@ __all__ = [
     "mlp_memory_chunk",
     "mlp_memory_reference",
     "mlp_memory_step",
+    "self_modifying_chunk",
+    "self_modifying_reference",
+    "self_modifying_step",
 ]
