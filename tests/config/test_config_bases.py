@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from nestlearn.config import load_config, named_configs
 from nestlearn.errors import ConfigError
@@ -46,8 +49,30 @@ def test_a_missing_base_names_the_known_configs(tmp_path):
         load_config(str(bad))
 
 
+SCALES = {"340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}
+
+
+def scale_of(name: str) -> str | None:
+    return next((s for s in SCALES if name == s or name.endswith(f"-{s}")), None)
+
+
 @pytest.mark.parametrize("name", [n for n in named_configs() if n != "demo"])
 def test_every_named_config_builds(name):
     cfg = load_config(name, {"model": {"vocab_size": 64, "n_layers": 1}})
-    model = build_model(cfg.model)
+    if scale_of(name):
+        with torch.device("meta"):  # the paper-scale widths: shapes only, no memory
+            model = build_model(cfg.model)
+    else:
+        model = build_model(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("name", [n for n in named_configs() if scale_of(n)])
+def test_paper_scale_configs_are_within_ten_percent_of_their_names(name):
+    cfg = load_config(name)
+    assert cfg.name == name and cfg.model.vocab_size == 0
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size)
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / SCALES[scale_of(name)] - 1) <= 0.10, f"{name}: {count / 1e6:.0f}M"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 import yaml
 
 from nestlearn.cli.common import add_config_args, config_from_args
@@ -38,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         if cfg.model.vocab_size == 0:
             # Without training a tokenizer: bytes have 257 ids, a BPE at most data.vocab_size.
             cfg.model.vocab_size = 257 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
-        model = build_model(cfg.model)
+        # Shapes only (the meta device): a 1.3B config is described without allocating it.
+        with torch.device("meta"):
+            model = build_model(cfg.model)
     rows = [[component, n] for component, n in parameter_table(model)]
     rows.append(["total", count_parameters(model)])
     print(markdown_table(["component", "parameters"], rows))
