@@ -76,7 +76,31 @@ class MemoryGate(nn.Module):
         return self.o_proj(self.y_norm(y) * torch.sigmoid(self.m_norm(m)))
 
 
-class MemoryAsGate(nn.Module):
+class _AttentionMemoryPair(nn.Module):
+    """What MAG and MAL share: a sliding-window attention and a neural memory, their joined
+    state (``attn.*``, ``lmm.*``), init and FLOPs."""
+
+    def __init__(self, attn: SlidingWindowAttention, memory: NeuralMemoryMixer) -> None:
+        super().__init__()
+        self.attn, self.memory = attn, memory
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        return join_state(
+            {
+                "attn": self.attn.init_state(batch_size, device, dtype),
+                "lmm": self.memory.init_state(batch_size, device, dtype),
+            }
+        )
+
+    def reset_memory_parameters(self) -> None:
+        self.attn.reset_memory_parameters()
+        self.memory.reset_memory_parameters()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.attn.flops_per_token(seq_len) + self.memory.flops_per_token(seq_len)
+
+
+class MemoryAsGate(_AttentionMemoryPair):
     """MAG: attention and memory read the same input; the memory gates the attention output."""
 
     def __init__(
@@ -86,17 +110,8 @@ class MemoryAsGate(nn.Module):
         d_model: int,
         eps: float = 1e-6,
     ) -> None:
-        super().__init__()
-        self.attn, self.memory = attn, memory
+        super().__init__(attn, memory)
         self.gate = MemoryGate(d_model, eps)
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
-        return join_state(
-            {
-                "attn": self.attn.init_state(batch_size, device, dtype),
-                "lmm": self.memory.init_state(batch_size, device, dtype),
-            }
-        )
 
     def forward(
         self, x: torch.Tensor, state: State | None = None
@@ -113,15 +128,8 @@ class MemoryAsGate(nn.Module):
         """The projections writing into the residual stream (depth-scaled at init)."""
         return [self.gate.o_proj]
 
-    def reset_memory_parameters(self) -> None:
-        self.attn.reset_memory_parameters()
-        self.memory.reset_memory_parameters()
 
-    def flops_per_token(self, seq_len: int) -> float:
-        return self.attn.flops_per_token(seq_len) + self.memory.flops_per_token(seq_len)
-
-
-class MemoryAsLayer(nn.Module):
+class MemoryAsLayer(_AttentionMemoryPair):
     """MAL: the memory as a residual layer, then sliding-window attention over its output."""
 
     def __init__(
@@ -131,17 +139,8 @@ class MemoryAsLayer(nn.Module):
         d_model: int,
         eps: float = 1e-6,
     ) -> None:
-        super().__init__()
-        self.attn, self.memory = attn, memory
+        super().__init__(attn, memory)
         self.attn_norm = RMSNorm(d_model, eps)
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
-        return join_state(
-            {
-                "attn": self.attn.init_state(batch_size, device, dtype),
-                "lmm": self.memory.init_state(batch_size, device, dtype),
-            }
-        )
 
     def forward(
         self, x: torch.Tensor, state: State | None = None
@@ -155,10 +154,3 @@ class MemoryAsLayer(nn.Module):
 
     def residual_outputs(self) -> list[nn.Linear]:
         return [self.memory.heads.o_proj, self.attn.o_proj]
-
-    def reset_memory_parameters(self) -> None:
-        self.attn.reset_memory_parameters()
-        self.memory.reset_memory_parameters()
-
-    def flops_per_token(self, seq_len: int) -> float:
-        return self.attn.flops_per_token(seq_len) + self.memory.flops_per_token(seq_len)

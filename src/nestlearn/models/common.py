@@ -65,3 +65,20 @@ def init_decoder_weights(
     residual_std = std / math.sqrt(2 * n_layers)
     for linear in residual_outputs:
         nn.init.normal_(linear.weight, mean=0.0, std=residual_std)
+
+
+def block_state(
+    state: dict[str, torch.Tensor] | None, index: int
+) -> dict[str, torch.Tensor] | None:
+    """Block ``index``'s entries of a model state (``blocks.{index}.*``, prefix removed); a state
+    without them (from another model) is refused with the fix."""
+    if state is None:
+        return None
+    prefix = f"blocks.{index}."
+    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not sub:
+        raise ValueError(
+            f"state has no entries for block {index} ('{prefix}*'): a state from another "
+            "model? Make one with model.init_state(batch_size)"
+        )
+    return sub

@@ -22,7 +22,7 @@ from nestlearn.errors import ConfigError
 from nestlearn.layers import CausalSelfAttention, RMSNorm, rope_tables
 from nestlearn.layers.cms import ContinuumMemory, Teacher, check_cms_options
 from nestlearn.models.base import LanguageModel, State
-from nestlearn.models.common import check_tokens, init_decoder_weights
+from nestlearn.models.common import block_state, check_tokens, init_decoder_weights
 from nestlearn.models.registry import register_model
 from nestlearn.models.transformer import default_mlp_hidden
 
@@ -169,15 +169,7 @@ class HopeLM(LanguageModel):
             teacher = Teacher(self.next_token_error, tokens)
         new_state: State | None = None if state is None else {"pos": state["pos"] + tokens.shape[1]}
         for i, block in enumerate(self.blocks):
-            sub = None
-            if state is not None:
-                sub = _split(state, f"blocks.{i}.")
-                if not sub:
-                    raise ValueError(
-                        f"state has no entries for block {i} ('blocks.{i}.*'): a state from "
-                        "another model? Make one with model.init_state(batch_size)"
-                    )
-            x, sub = block(x, sub, teacher)
+            x, sub = block(x, block_state(state, i), teacher)
             if new_state is not None:
                 new_state.update({f"blocks.{i}.{k}": v for k, v in sub.items()})
         return self.head(self.norm(x)), new_state

@@ -21,7 +21,7 @@ from nestlearn.layers import RMSNorm, SwiGLU
 from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
 from nestlearn.layers.neural_memory import NeuralMemoryMixer
 from nestlearn.models.base import LanguageModel, State
-from nestlearn.models.common import check_tokens, init_decoder_weights
+from nestlearn.models.common import block_state, check_tokens, init_decoder_weights
 from nestlearn.models.registry import register_model
 from nestlearn.models.transformer import default_mlp_hidden
 
@@ -149,16 +149,7 @@ class MemoryLM(LanguageModel):
         new_state: State | None = None if state is None else {"pos": state["pos"] + tokens.shape[1]}
         start = 0 if state is None or not self.config.check_finite else int(state["pos"])
         for i, block in enumerate(self.blocks):
-            sub = None
-            if state is not None:
-                prefix = f"blocks.{i}."
-                sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                if not sub:
-                    raise ValueError(
-                        f"state has no entries for block {i} ('{prefix}*'): a state from another "
-                        "model? Make one with model.init_state(batch_size)"
-                    )
-            x, sub = block(x, sub, start)
+            x, sub = block(x, block_state(state, i), start)
             if new_state is not None:
                 new_state.update({f"blocks.{i}.{k}": v for k, v in sub.items()})
         return self.head(self.norm(x)), new_state
