@@ -169,6 +169,81 @@ def test_one_level_at_zero_lr_is_the_transformer_mlp():
     torch.testing.assert_close(independent(x)[0], mlp(norm(x)), rtol=1e-12, atol=1e-12)
 
 
+# GPT-2's block (ungated tanh-GELU, biases, LayerNorm) and SwiGLU with biases.
+BLOCKS = [
+    {"mlp": "gelu_tanh", "bias": True, "norm": "layer"},
+    {"mlp": "swiglu", "bias": True, "norm": "rms"},
+]
+
+
+def make_block_cms(variant: str, optimizer: str, block: dict, **kwargs) -> ContinuumMemory:
+    cms = make_cms(variant, "teach", optimizer, **block, **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in cms.named_parameters():
+            if name.split(".")[-1] in ("b1", "b3", "b2", "bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=DT))
+    return cms
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize(("variant", "optimizer"), [("sequential", "dgd"), ("independent", "gd")])
+def test_other_blocks_chunk_equals_reference_and_decoding(block, variant, optimizer):
+    chunk = make_block_cms(variant, optimizer, block)
+    reference = make_block_cms(variant, optimizer, block, mode="reference")
+    reference.load_state_dict(chunk.state_dict())
+    x, tokens = inputs()
+    grads = []
+    for module in (chunk, reference):
+        xi = x.clone().requires_grad_()
+        y, _ = module(xi, None, toy_teacher(tokens))
+        (y.pow(2).sum() + y.sum()).backward()
+        grads.append((y, xi.grad, [p.grad for p in module.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-11)
+    for (name, _), a, b in zip(chunk.named_parameters(), grads[0][2], grads[1][2], strict=True):
+        assert a is not None, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+    with torch.no_grad():
+        full, _ = chunk(x[:1], None, toy_teacher(tokens[:1]))
+        state = chunk.init_state(1, dtype=DT)
+        outputs = []
+        for t in range(x.shape[1]):
+            y, state = chunk(x[:1, t : t + 1], state, toy_teacher(tokens[:1, t : t + 1]))
+            outputs.append(y)
+    torch.testing.assert_close(torch.cat(outputs, 1), full, rtol=1e-12, atol=1e-12)
+    # The biases learn in context too.
+    assert not torch.equal(state["0.b1"][0], chunk.levels[0].b1)
+
+
+def test_gpt2_mlp_and_zero_residual_levels_recover_the_mlp():
+    torch.manual_seed(4)
+    fc, proj, norm = torch.nn.Linear(6, 5), torch.nn.Linear(5, 6), torch.nn.LayerNorm(6, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    fc, proj, norm = fc.double(), proj.double(), norm.double()
+    weights = {"w1": fc.weight, "b1": fc.bias, "w2": proj.weight, "b2": proj.bias}
+    block = {"mlp": "gelu_tanh", "bias": True, "norm": "layer"}
+    cms = make_cms(chunk_sizes=(2, 4), lrs=(0.0, 0.0), **block)
+    cms.init_level_from(0, weights, norm)
+    cms.init_level_from(1, weights, norm, zero_output=True)
+    assert cms.levels[1].w2.abs().sum() == 0 and cms.levels[1].w1.abs().sum() > 0
+    x, _ = inputs()
+    expected = proj(torch.nn.functional.gelu(fc(norm(x)), approximate="tanh"))
+    torch.testing.assert_close(cms(x)[0], expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"has weights \['w1', 'w2', 'b1', 'b2'\]"):
+        cms.init_level_from(0, {"w1": fc.weight, "w2": proj.weight}, norm)
+    with pytest.raises(ValueError, match="'w1' of level 0 has shape"):
+        cms.init_level_from(0, {**weights, "w1": torch.zeros(4, 6, dtype=DT)}, norm)
+    with pytest.raises(ValueError, match=r"the norm \(LayerNorm, eps 1e-05\) differs"):
+        cms.init_level_from(0, weights, torch.nn.LayerNorm(6).double())
+    with pytest.raises(ValueError, match="mlp: unknown 'relu'; choose one of swiglu, gelu_tanh"):
+        make_cms(mlp="relu")
+    with pytest.raises(ValueError, match="norm: unknown 'batch'; choose one of rms, layer"):
+        make_cms(norm="batch")
+
+
 def test_inner_levels_and_outer_periods():
     cms = make_cms(optimizer="momentum", chunk_sizes=(8, 2))
     levels = cms.inner_levels()

@@ -19,6 +19,8 @@ from nestlearn.memory.cms import (
     cms_level_reference,
     init_cms_level_state,
     local_error,
+    mlp_block,
+    names_of,
     swiglu,
 )
 from nestlearn.memory.rules import dgd_projection
@@ -35,13 +37,34 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def make(seed: int, B: int = 2, T: int = 7, d: int = 3, h: int = 5, scale: float = 0.6):
+# Block kinds: (gated, biases, activation). Llama's SwiGLU is the first, GPT-2's MLP the last.
+KINDS = {
+    "swiglu": (True, False, "silu"),
+    "swiglu_bias": (True, True, "silu"),
+    "gelu": (False, False, "gelu_tanh"),
+    "gelu_bias": (False, True, "gelu_tanh"),
+}
+
+
+def make(
+    seed: int,
+    B: int = 2,
+    T: int = 7,
+    d: int = 3,
+    h: int = 5,
+    scale: float = 0.6,
+    kind: str = "swiglu",
+):
+    gated, bias, _ = KINDS[kind]
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(B, T, d, generator=gen, dtype=DT).requires_grad_()
+    shapes = {"w1": (h, d), "w3": (h, d), "w2": (d, h), "b1": (h,), "b3": (h,), "b2": (d,)}
+    names = ["w1", "w3", "w2"] if gated else ["w1", "w2"]
+    if bias:
+        names += ["b1", "b3", "b2"] if gated else ["b1", "b2"]
     weights = {
-        "w1": (scale * torch.randn(h, d, generator=gen, dtype=DT)).requires_grad_(),
-        "w3": (scale * torch.randn(h, d, generator=gen, dtype=DT)).requires_grad_(),
-        "w2": (scale * torch.randn(d, h, generator=gen, dtype=DT)).requires_grad_(),
+        n: (scale * torch.randn(*shapes[n], generator=gen, dtype=DT)).requires_grad_()
+        for n in names
     }
     return z, weights
 
@@ -84,6 +107,31 @@ def test_chunk_equals_reference_with_gradients(optimizer, T, C):
     assert_same(a, b)
 
 
+@pytest.mark.parametrize("kind", ["swiglu_bias", "gelu", "gelu_bias"])
+@pytest.mark.parametrize("optimizer", ["gd", "momentum", "dgd"])
+def test_other_blocks_chunk_equals_reference_with_gradients(kind, optimizer):
+    z, weights = make(11, T=7, kind=kind)
+    leaves = [z, *weights.values()]
+    kwargs = {"lr": 0.5, "chunk_size": 3, "optimizer": optimizer, "momentum": 0.7}
+    a, b = run_both(z, weights, leaves, activation=KINDS[kind][2], **kwargs)
+    assert_same(a, b)
+    # Every map and bias is in the state, and the state continues token by token.
+    assert set(names_of(weights)) <= set(a[1])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_block_forward_is_the_torch_mlp(kind):
+    gated, _, activation = KINDS[kind]
+    z, w = make(12, kind=kind)
+    F = torch.nn.functional
+    act = F.silu if activation == "silu" else lambda x: F.gelu(x, approximate="tanh")
+    hidden = act(F.linear(z, w["w1"], w.get("b1")))
+    if gated:
+        hidden = hidden * F.linear(z, w["w3"], w.get("b3"))
+    expected = F.linear(hidden, w["w2"], w.get("b2"))
+    torch.testing.assert_close(mlp_block(w, z, activation), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("optimizer", ["gd", "momentum", "dgd"])
 def test_continuing_a_mid_chunk_state_matches_with_gradients(optimizer):
     z, weights = make(1, B=1, T=9, d=4, h=3)
@@ -110,10 +158,13 @@ def test_detach_inner_keeps_outputs_and_both_forms_agree():
     assert not torch.allclose(full_grads[0], a[2][0])
 
 
-@pytest.mark.parametrize("optimizer", ["gd", "momentum", "dgd"])
-def test_prefix_then_one_token_at_a_time_equals_the_full_pass(optimizer):
-    z, weights = make(3, T=11)
-    kwargs = {"lr": 0.3, "chunk_size": 4, "optimizer": optimizer}
+@pytest.mark.parametrize(
+    ("optimizer", "kind"),
+    [("gd", "swiglu"), ("momentum", "swiglu"), ("dgd", "swiglu"), ("dgd", "gelu_bias")],
+)
+def test_prefix_then_one_token_at_a_time_equals_the_full_pass(optimizer, kind):
+    z, weights = make(3, T=11, kind=kind)
+    kwargs = {"lr": 0.3, "chunk_size": 4, "optimizer": optimizer, "activation": KINDS[kind][2]}
     full, final = cms_level_chunk(z, weights, output_final_state=True, **kwargs)
     y, state = cms_level_chunk(z[:, :5], weights, output_final_state=True, **kwargs)
     outputs = [y]
@@ -148,15 +199,20 @@ def test_weights_change_only_at_chunk_ends_and_every_token_reads_them():
             assert changed == ((t + 1) % C == 0), t
 
 
-def test_accumulated_gradient_is_autograd_of_the_pair_losses():
-    z, weights = make(5, T=5)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_accumulated_gradient_is_autograd_of_the_pair_losses(kind):
+    z, weights = make(5, T=5, kind=kind)
+    act = KINDS[kind][2]
+    names = names_of(weights)
     # One chunk longer than the sequence: nothing applied, the state holds Σ over pairs.
-    _, state = cms_level_chunk(z, weights, lr=0.1, chunk_size=8, output_final_state=True)
-    y = swiglu(weights, z[:, :-1])
+    _, state = cms_level_chunk(
+        z, weights, lr=0.1, chunk_size=8, output_final_state=True, activation=act
+    )
+    y = mlp_block(weights, z[:, :-1], act)
     loss = 0.5 * (y - z[:, 1:].detach()).pow(2).sum(-1)  # pairs (s, s+1)
     for b in range(z.shape[0]):
         grads = torch.autograd.grad(loss[b].sum(), list(weights.values()), retain_graph=True)
-        for name, grad in zip(MAPS, grads, strict=True):
+        for name, grad in zip(names, grads, strict=True):
             torch.testing.assert_close(state[f"g.{name}"][b], grad, rtol=1e-10, atol=1e-12)
     # The normalizer bounds Σ_s ‖J_s J_sᵀ‖ (J_s = ∂y_s/∂θ) from above.
     for b in range(z.shape[0]):
@@ -164,7 +220,7 @@ def test_accumulated_gradient_is_autograd_of_the_pair_losses():
         for s in range(z.shape[1] - 1):
             key = z[b, s].detach().view(1, 1, -1)
             jac = torch.autograd.functional.jacobian(
-                lambda *ws, key=key: swiglu(dict(zip(MAPS, ws, strict=True)), key),
+                lambda *ws, key=key: mlp_block(dict(zip(names, ws, strict=True)), key, act),
                 tuple(weights.values()),
             )
             J = torch.cat([j.reshape(z.shape[-1], -1) for j in jac], dim=1)  # [d, n_params]
@@ -267,7 +323,14 @@ def test_bad_weights_are_named():
     z, weights = make(10)
     with pytest.raises(ValueError, match=r"weights\['w2'\]: expected shape \[3, 5\]"):
         cms_level_chunk(z, {**weights, "w2": torch.zeros(5, 3, dtype=DT)}, lr=0.1, chunk_size=2)
-    with pytest.raises(ValueError, match="expected a mapping with keys"):
+    with pytest.raises(ValueError, match="expected the keys"):
         cms_level_chunk(z, {"w1": weights["w1"]}, lr=0.1, chunk_size=2)
+    with pytest.raises(ValueError, match="expected the keys"):
+        cms_level_chunk(z, {**weights, "b1": torch.zeros(5, dtype=DT)}, lr=0.1, chunk_size=2)
+    with pytest.raises(ValueError, match=r"weights\['b2'\]: expected shape \[3\]"):
+        bad = {**weights, "b1": torch.zeros(5, dtype=DT), "b3": torch.zeros(5, dtype=DT)}
+        cms_level_chunk(z, {**bad, "b2": torch.zeros(4, dtype=DT)}, lr=0.1, chunk_size=2)
+    with pytest.raises(ValueError, match="activation: unknown 'relu'"):
+        cms_level_chunk(z, weights, lr=0.1, chunk_size=2, activation="relu")
     with pytest.raises(ValueError, match="input width d=2"):
         cms_level_chunk(z[..., :2], weights, lr=0.1, chunk_size=2)

@@ -1,4 +1,4 @@
-"""``nestlearn``: train, eval, generate, info, demo, bench, experiment, report.
+"""``nestlearn``: train, eval, generate, info, demo, bench, experiment, report, convert.
 
 Every command takes an optional named config (or YAML path) and ``section.key=value`` overrides.
 User errors (:class:`~nestlearn.errors.NestlearnError`) print one line and exit with status 2.
@@ -11,7 +11,17 @@ import sys
 from collections.abc import Sequence
 
 from nestlearn import __version__
-from nestlearn.cli import bench, demo, evaluate, experiment, generate, info, report, train
+from nestlearn.cli import (
+    bench,
+    convert,
+    demo,
+    evaluate,
+    experiment,
+    generate,
+    info,
+    report,
+    train,
+)
 from nestlearn.errors import NestlearnError
 
 COMMANDS = {
@@ -23,6 +33,7 @@ COMMANDS = {
     "bench": bench,
     "experiment": experiment,
     "report": report,
+    "convert": convert,
 }
 
 

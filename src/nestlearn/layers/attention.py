@@ -12,13 +12,17 @@ from nestlearn.layers.rope import apply_rope
 class CausalSelfAttention(nn.Module):
     """``softmax(q kᵀ / sqrt(D) + causal mask) v`` per head, then an output projection.
 
-    ``q, k, v`` come from one fused projection ``qkv: dim -> (H + 2·H_kv)·D`` (no bias), with
-    ``D = dim / n_heads``. Grouped-query attention: query head ``h`` reads key/value head
-    ``h // (H / H_kv)``; ``n_kv_heads = n_heads`` is ordinary multi-head attention. Queries and
-    keys are rotated by RoPE at their absolute positions; the cache holds rotated keys.
+    ``q, k, v`` come from one fused projection ``qkv: dim -> (H + 2·H_kv)·D`` (no bias unless
+    ``bias=True``, which also gives ``out`` a bias: GPT-2), with ``D = dim / n_heads``.
+    Grouped-query attention: query head ``h`` reads key/value head ``h // (H / H_kv)``;
+    ``n_kv_heads = n_heads`` is ordinary multi-head attention. Queries and keys are rotated by RoPE
+    at their absolute positions (unless the tables are None: positions enter elsewhere, e.g.
+    learned embeddings); the cache holds rotated keys.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None) -> None:
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int | None = None, bias: bool = False
+    ) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if dim % n_heads or n_heads % n_kv_heads:
@@ -29,23 +33,24 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = dim // n_heads
-        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
-        self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.out = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         pos: int = 0,
     ) -> torch.Tensor:
         """Attend ``x [B, T, dim]`` causally; returns ``[B, T, dim]``.
 
-        ``cos, sin``: full RoPE tables ``[L, D]``. Without a cache, ``x`` is the whole sequence
-        from position 0. With ``cache = (k_cache, v_cache)``, each ``[B, H_kv, L, D]``, ``x``
-        holds positions ``pos .. pos+T-1``: their keys/values are written into the cache *in
-        place* at those positions, and the queries attend over cache positions ``0 .. pos+T-1``.
+        ``cos, sin``: full RoPE tables ``[L, D]``, or both None for no rotation. Without a cache,
+        ``x`` is the whole sequence from position 0. With ``cache = (k_cache, v_cache)``, each
+        ``[B, H_kv, L, D]``, ``x`` holds positions ``pos .. pos+T-1``: their keys/values are
+        written into the cache *in place* at those positions, and the queries attend over cache
+        positions ``0 .. pos+T-1``.
         """
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -53,8 +58,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
         v = v.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
-        q = apply_rope(q, cos, sin, offset=pos)
-        k = apply_rope(k, cos, sin, offset=pos)
+        if cos is not None:
+            q = apply_rope(q, cos, sin, offset=pos)
+            k = apply_rope(k, cos, sin, offset=pos)
 
         end = pos + T
         if cache is not None:

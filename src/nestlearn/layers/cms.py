@@ -1,4 +1,4 @@
-"""Continuum Memory System (SPEC §4, NL-30/31): k SwiGLU levels, level l updated every C(l) tokens.
+"""Continuum Memory System (SPEC §4, NL-30/31): k MLP levels, level l updated every C(l) tokens.
 
 Each level is pre-norm and residual: ``z = RMSNorm_l(h)``, ``out = SwiGLU_{θ^(l)}(z)``, and its
 weights ``θ^(l)`` (per sequence, ``[B, out, in]``) start from the meta-learned ``θ_0^(l)`` (the
@@ -18,23 +18,25 @@ gradient of the next-token cross-entropy at the level's output stream ``h_s`` th
 norm and head only (:class:`Teacher`, the logit-lens approximation of SPEC §4's teach signal;
 exact for the last level of the last block), stop-gradient.
 With k = 1, ``sequential`` and a zero learning rate this is a Transformer's ``x + MLP(norm(x))``.
+The block may instead be GPT-2's (``mlp="gelu_tanh"``: ``W2 gelu_tanh(W1 z + b1) + b2``), with
+biases (``bias=True``) and a LayerNorm (``norm="layer"``), so that a pretrained model's MLPs drop
+in exactly (:meth:`ContinuumMemory.init_level_from`, docs/level-stacking.md).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from nestlearn.layers.mlp import SwiGLU
-from nestlearn.layers.norm import RMSNorm
+from nestlearn.layers.norm import NORMS, make_norm
 from nestlearn.levels import Level
 from nestlearn.memory.cms import (
-    MAPS,
     OPTIMIZERS,
     Weights,
     cms_level_chunk,
@@ -47,6 +49,8 @@ State = dict[str, torch.Tensor]
 VARIANTS = ("sequential", "nested", "independent")
 OBJECTIVES = ("local", "teach")
 MODES = ("chunk", "reference")
+# Block kind -> (activation σ of nestlearn.memory.cms, gated).
+MLPS = {"swiglu": ("silu", True), "gelu_tanh": ("gelu_tanh", False)}
 
 
 class Teacher(NamedTuple):
@@ -58,18 +62,34 @@ class Teacher(NamedTuple):
 
 
 class CMSLevel(nn.Module):
-    """One level's pre-norm and, unless it inherits them (nested), its initial weights θ_0."""
+    """One level's pre-norm and, unless it inherits them (nested), its initial weights θ_0:
+    ``w1, (w3), w2`` and, with biases, ``b1, (b3), b2`` (``w3``/``b3`` for a gated block)."""
 
-    def __init__(self, d_model: int, hidden: int, eps: float, owns_weights: bool) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        eps: float,
+        owns_weights: bool,
+        gated: bool = True,
+        bias: bool = False,
+        norm: str = "rms",
+    ) -> None:
         super().__init__()
-        self.norm = RMSNorm(d_model, eps)
+        self.norm = make_norm(norm, d_model, eps)
+        self.names: tuple[str, ...] = ()
         if owns_weights:
-            self.w1 = nn.Parameter(torch.empty(hidden, d_model))
-            self.w3 = nn.Parameter(torch.empty(hidden, d_model))
-            self.w2 = nn.Parameter(torch.empty(d_model, hidden))
+            shapes = {"w1": (hidden, d_model), "w3": (hidden, d_model), "w2": (d_model, hidden)}
+            shapes |= {"b1": (hidden,), "b3": (hidden,), "b2": (d_model,)}
+            names = ["w1", "w3", "w2"] if gated else ["w1", "w2"]
+            if bias:
+                names += ["b1", "b3", "b2"] if gated else ["b1", "b2"]
+            for name in names:
+                setattr(self, name, nn.Parameter(torch.empty(shapes[name])))
+            self.names = tuple(names)
 
     def weights(self) -> Weights:
-        return {name: getattr(self, name) for name in MAPS}
+        return {name: getattr(self, name) for name in self.names}
 
 
 class ContinuumMemory(nn.Module):
@@ -90,17 +110,31 @@ class ContinuumMemory(nn.Module):
         detach_inner: bool = False,
         mode: str = "chunk",
         eps: float = 1e-6,
+        mlp: str = "swiglu",
+        bias: bool = False,
+        norm: str = "rms",
     ) -> None:
         super().__init__()
         check_cms_options(
             d_model, hidden, chunk_sizes, lrs, variant, objective, optimizer, momentum, mode
         )
+        check_block_options(mlp, norm)
+        self.mlp, self.bias, self.norm_kind = mlp, bool(bias), norm
+        self.activation, gated = MLPS[mlp]
         self.d_model, self.hidden = d_model, hidden
         self.chunk_sizes, self.lrs = [int(c) for c in chunk_sizes], [float(r) for r in lrs]
         self.variant, self.objective, self.optimizer = variant, objective, optimizer
         self.momentum, self.detach_inner, self.mode = float(momentum), bool(detach_inner), mode
         self.levels = nn.ModuleList(
-            CMSLevel(d_model, hidden, eps, owns_weights=variant != "nested" or i == 0)
+            CMSLevel(
+                d_model,
+                hidden,
+                eps,
+                owns_weights=variant != "nested" or i == 0,
+                gated=gated,
+                bias=bias,
+                norm=norm,
+            )
             for i in range(len(self.chunk_sizes))
         )
         if variant == "independent":
@@ -108,28 +142,68 @@ class ContinuumMemory(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
-        """``w1, w3 ~ N(0, std)``, ``w2 ~ N(0, out_std)`` (default ``std``), gains 1, equal
-        aggregation weights."""
+        """``w1, w3 ~ N(0, std)``, ``w2 ~ N(0, out_std)`` (default ``std``), biases 0, gains 1,
+        equal aggregation weights."""
         for level in self.levels:
             nn.init.ones_(level.norm.weight)
-            if hasattr(level, "w1"):
-                nn.init.normal_(level.w1, std=std)
-                nn.init.normal_(level.w3, std=std)
-                nn.init.normal_(level.w2, std=std if out_std is None else out_std)
+            if getattr(level.norm, "bias", None) is not None:
+                nn.init.zeros_(level.norm.bias)
+            for name in level.names:
+                param = getattr(level, name)
+                if name[0] == "b":
+                    nn.init.zeros_(param)
+                elif name == "w2":
+                    nn.init.normal_(param, std=std if out_std is None else out_std)
+                else:
+                    nn.init.normal_(param, std=std)
         if self.variant == "independent":
             nn.init.zeros_(self.agg_logits)
 
     @torch.no_grad()
-    def init_level_from(self, level: int, mlp: SwiGLU, norm: RMSNorm | None = None) -> None:
-        """Ad-hoc level stacking (SPEC §4): ``θ_0^(level)`` (and its norm gain) from a trained
-        SwiGLU, e.g. a pretrained Transformer block's ``mlp`` and ``mlp_norm``."""
+    def init_level_from(
+        self,
+        level: int,
+        mlp: SwiGLU | Mapping[str, torch.Tensor],
+        norm: nn.Module | None = None,
+        *,
+        zero_output: bool = False,
+    ) -> None:
+        """Ad-hoc level stacking (SPEC §4): ``θ_0^(level)`` (and its norm) from a trained MLP,
+        e.g. a pretrained Transformer block's ``mlp`` and ``mlp_norm``.
+
+        ``mlp``: a :class:`~nestlearn.layers.mlp.SwiGLU` or a mapping with this level's names
+        (``w1, (w3), w2, (b1, (b3), b2)``, shapes as the parameters). ``zero_output``: set the
+        output map ``w2`` (and ``b2``) to zero after copying, so the level starts as a zero
+        residual (exact recovery with extra sequential levels, docs/level-stacking.md).
+        """
         target = self.levels[level]
-        if not hasattr(target, "w1"):
+        if not target.names:
             raise ValueError(f"level {level} of a nested CMS inherits its weights from level 0")
-        for name in MAPS:
-            getattr(target, name).copy_(getattr(mlp, name).weight)
+        if isinstance(mlp, SwiGLU):
+            mlp = {name: getattr(mlp, name).weight for name in ("w1", "w3", "w2")}
+        if set(mlp) != set(target.names):
+            raise ValueError(
+                f"init_level_from: level {level} has weights {list(target.names)}, "
+                f"got {sorted(mlp)}; build the CMS with the mlp/bias options of the source MLP"
+            )
+        for name in target.names:
+            param, value = getattr(target, name), mlp[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"init_level_from: '{name}' of level {level} has shape {list(param.shape)}, "
+                    f"got {list(value.shape)}; set the CMS hidden width to the source's"
+                )
+            param.copy_(value)
+            if zero_output and name in ("w2", "b2"):
+                param.zero_()
         if norm is not None:
-            target.norm.weight.copy_(norm.weight)
+            if type(norm) is not type(target.norm) or norm.eps != target.norm.eps:
+                raise ValueError(
+                    f"init_level_from: the norm ({type(norm).__name__}, eps {norm.eps:g}) differs "
+                    f"from the CMS's ({type(target.norm).__name__}, eps {target.norm.eps:g}); "
+                    "build the CMS with the source's norm kind and eps"
+                )
+            target.norm.load_state_dict(norm.state_dict())
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         """Per level ``l``: ``{l}.*``, the state of :mod:`nestlearn.memory.cms` (weights of the
@@ -182,6 +256,7 @@ class ContinuumMemory(nn.Module):
                 output_final_state=state is not None,
                 detach_inner=self.detach_inner,
                 history=history,
+                activation=self.activation,
                 **extra,
             )
             y = y * scale if agg is not None else y
@@ -192,7 +267,7 @@ class ContinuumMemory(nn.Module):
         return total, new_state
 
     def _initial_weights(self, i: int) -> Weights:
-        level = self.levels[i] if hasattr(self.levels[i], "w1") else self.levels[0]
+        level = self.levels[i] if self.levels[i].names else self.levels[0]
         return level.weights()
 
     def _error_args(self, base: torch.Tensor, scale, teacher: Teacher | None) -> dict:
@@ -232,7 +307,8 @@ class ContinuumMemory(nn.Module):
         }[self.optimizer]
         out = []
         for i, (C, lr) in enumerate(zip(self.chunk_sizes, self.lrs, strict=True)):
-            memory = f"SwiGLU {d} -> {h} -> {d} per sequence ({self.variant})"
+            kind = "SwiGLU" if self.mlp == "swiglu" else "GELU(tanh) MLP"
+            memory = f"{kind} {d} -> {h} -> {d} per sequence ({self.variant})"
             if self.variant == "nested" and i > 0:
                 period = C * math.ceil(self.chunk_sizes[i - 1] / C)
                 memory += f", reset from level {i - 1} every {period} tokens"
@@ -252,8 +328,9 @@ class ContinuumMemory(nn.Module):
         """Forward FLOPs per token: the read (``6·d·h`` per level) and, for a level that updates
         within ``seq_len`` tokens, its error term (forward of the key shared with the read,
         backward ``8·d·h``, DGD projections ``12·d·h``) and its update amortized over the chunk.
-        The teach signal's head is counted by the model."""
-        dh = self.d_model * self.hidden
+        The teach signal's head is counted by the model. An ungated block has two maps of the
+        SwiGLU's three: every term scales by 2/3."""
+        dh = self.d_model * self.hidden * (1.0 if MLPS[self.mlp][1] else 2.0 / 3.0)
         total = 0.0
         for chunk in self.chunk_sizes:
             total += 6 * dh
@@ -310,6 +387,14 @@ def check_cms_options(
         )
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"{prefix}momentum={momentum} must be in [0, 1)")
+
+
+def check_block_options(mlp: str, norm: str, prefix: str = "") -> None:
+    """ValueError naming a bad block kind (``mlp``) or norm kind, with the choices."""
+    if mlp not in MLPS:
+        raise ValueError(f"{prefix}mlp: unknown '{mlp}'; choose one of {', '.join(MLPS)}")
+    if norm not in NORMS:
+        raise ValueError(f"{prefix}norm: unknown '{norm}'; choose one of {', '.join(NORMS)}")
 
 
 def _check_teacher(teacher: Teacher | None, x: torch.Tensor) -> None:

@@ -22,3 +22,16 @@ class RMSNorm(nn.Module):
         h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return h.to(x.dtype) * self.weight
+
+
+NORMS = ("rms", "layer")
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """``"rms"``: :class:`RMSNorm` (Llama); ``"layer"``: ``nn.LayerNorm`` with gain and bias,
+    ``(x − mean(x)) / sqrt(var(x) + eps) * g + b`` (GPT-2)."""
+    if kind == "rms":
+        return RMSNorm(dim, eps)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps)
+    raise ValueError(f"norm: unknown '{kind}'; choose one of {', '.join(NORMS)}")

@@ -1,7 +1,10 @@
-"""One level of a Continuum Memory System: a SwiGLU block whose weights change every C tokens.
+"""One level of a Continuum Memory System: an MLP block whose weights change every C tokens.
 
-SPEC §4, NL-31. Per sequence, the block ``y = W2 (silu(W1 z) ⊙ W3 z)`` starts from meta-learned
-weights ``θ_0 = (W1, W3, W2)`` and is read with the weights of its current chunk; after each
+SPEC §4, NL-31. Per sequence, the block starts from meta-learned weights ``θ_0`` and is read with
+the weights of its current chunk. The block is the gated ``y = W2 (σ(W1 z + b1) ⊙ (W3 z + b3)) +
+b2`` when ``w3`` is among the weights (SwiGLU with ``σ = silu``, Llama) and the plain ``y = W2
+σ(W1 z + b1) + b2`` otherwise (``σ = gelu_tanh``, GPT-2); the biases are optional (all or none)
+and ``σ`` is the ``activation`` option. Default and original form: SwiGLU without biases. After each
 complete chunk of ``C`` tokens it takes one inner optimizer step with the chunk's summed error
 terms, all taken at the chunk-start weights ``θ_c``:
 
@@ -29,11 +32,13 @@ Two forms with one signature, equal to float error in outputs, states and gradie
 a Python loop over chunks, never over tokens). A one-token call of the chunk form is the
 recurrent step. The state is a plain ``dict[str, Tensor]``:
 
-    w1, w3 [B, h, d], w2 [B, d, h]   weights of the current chunk
+    w1, w3 [B, h, d], w2 [B, d, h]   weights of the current chunk (w3 only when gated)
+    b1, b3 [B, h], b2 [B, d]         biases of the current chunk, when the block has them
     g.{w}                             summed gradients of the current chunk's pairs so far
     e [B]                             their summed sensitivities ``E`` (the rate's normalizer)
     s.{w}                             (momentum) the momentum
     p.{w}                             (dgd) summed projections ``(θ_c û) ûᵀ`` of the chunk so far
+                                      (a bias is a map of the constant input 1: its projection is b)
     z_prev [B, d]                     key of the pending pair (the last input read)
     ctx_prev [B, e]                   (when ``key_ctx`` is given) key context of that input
     pos [] int64                      tokens read so far (absolute position of the next token)
@@ -54,8 +59,37 @@ Weights = dict[str, torch.Tensor]
 ErrorFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 ResetFn = Callable[[int], Weights | None]
 
-MAPS = ("w1", "w3", "w2")
+MAPS = ("w1", "w3", "w2")  # SwiGLU without biases, the default block
+ORDER = ("w1", "w3", "w2", "b1", "b3", "b2")  # every name a block may have, in state order
 OPTIMIZERS = ("gd", "momentum", "dgd")
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def names_of(weights: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The block's weight names in state order: ``w1, (w3), w2, (b1, (b3), b2)``."""
+    return tuple(name for name in ORDER if name in weights)
+
+
+def _core(name: str) -> int:
+    # Trailing dimensions of one sequence's copy: 1 for a bias, 2 for a matrix.
+    return 1 if name[0] == "b" else 2
+
+
+def _batched(x: torch.Tensor, name: str, batch: int) -> torch.Tensor:
+    return x.expand(batch, *x.shape[-_core(name) :])
+
+
+def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.silu(x) if activation == "silu" else F.gelu(x, approximate="tanh")
+
+
+def _act_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return _silu_grad(x)
+    # d/dx ½x(1 + tanh(c(x + 0.044715x³))), c = sqrt(2/π)
+    c = 0.7978845608028654
+    t = torch.tanh(c * (x + 0.044715 * x.pow(3)))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
 
 
 def local_error(
@@ -73,6 +107,7 @@ class _Options(NamedTuple):
     momentum: float
     error: ErrorFn
     detach_inner: bool
+    activation: str = "silu"
 
 
 def init_cms_level_state(
@@ -83,14 +118,14 @@ def init_cms_level_state(
     ctx_dim: int | None = None,
 ) -> State:
     """The state before any token: every sequence starts from ``weights`` (``[out, in]`` shared
-    or ``[B, out, in]``), empty accumulators, no pending pair."""
+    or ``[B, out, in]``; biases ``[out]`` or ``[B, out]``), empty accumulators, no pending pair."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     _check_optimizer(optimizer)
     _check_weights(weights, None)
     state: State = {}
-    for name in MAPS:
-        w = weights[name].expand(batch_size, *weights[name].shape[-2:]).clone()
+    for name in names_of(weights):
+        w = _batched(weights[name], name, batch_size).clone()
         state[name] = w
         state[f"g.{name}"] = torch.zeros_like(w)
         if optimizer == "momentum":
@@ -108,7 +143,18 @@ def init_cms_level_state(
 
 def swiglu(weights: Mapping[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     """``W2 (silu(W1 z) ⊙ W3 z)`` for ``z [B, n, d]`` and shared or per-sequence weights."""
-    return _forward(weights, z)[0]
+    return _forward(weights, z, "silu")[0]
+
+
+def mlp_block(
+    weights: Mapping[str, torch.Tensor], z: torch.Tensor, activation: str = "silu"
+) -> torch.Tensor:
+    """The block of the module docstring (gated if ``w3`` is given, biases if ``b*`` are) for
+    ``z [B, n, d]`` and shared or per-sequence weights."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown '{activation}'; choose one of {ACTIVATIONS}")
+    _check_weights(weights, None)
+    return _forward(weights, z, activation)[0]
 
 
 def cms_level_chunk(
@@ -127,6 +173,7 @@ def cms_level_chunk(
     output_final_state: bool = False,
     detach_inner: bool = False,
     history: dict[int, Weights] | None = None,
+    activation: str = "silu",
 ) -> tuple[torch.Tensor, State | None]:
     """The training form: chunk by chunk, each chunk one batched forward/backward.
 
@@ -134,6 +181,7 @@ def cms_level_chunk(
         z: ``[B, T, d]`` the level's (normalized) inputs, read and used as keys.
         weights: ``w1 [h, d]``, ``w3 [h, d]``, ``w2 [d, h]`` (or with a leading batch
             dimension): the initial weights ``θ_0``, used when ``initial_state`` is None.
+            ``w3`` may be left out (an ungated block); ``b1 [h]``, ``b3 [h]``, ``b2 [d]`` added.
         lr: inner learning rate ``η ≥ 0``. chunk_size: ``C ≥ 1``.
         optimizer: ``"gd"``, ``"momentum"`` (coefficient ``momentum`` in [0, 1)) or ``"dgd"``.
         error: the error source (:func:`local_error` by default).
@@ -146,11 +194,12 @@ def cms_level_chunk(
         detach_inner: stop-gradient through the error terms (``G``, ``E``, ``P``); gradients still
             reach ``θ_0`` through the reads and the identity path of each update.
         history: if given, filled with ``chunk index -> weights in effect for that chunk``.
+        activation: ``σ`` of the block, ``"silu"`` or ``"gelu_tanh"``.
 
     Returns:
         ``y [B, T, d]`` and the final state (or None).
     """
-    opts = _options(lr, chunk_size, optimizer, momentum, error, detach_inner)
+    opts = _options(lr, chunk_size, optimizer, momentum, error, detach_inner, activation)
     target_ctx = z if target_ctx is None else target_ctx
     _check(z, weights, key_ctx, target_ctx, initial_state, opts)
     w, acc, z_prev, ctx_prev, pos = _unpack(initial_state, weights, opts, key_ctx)
@@ -169,7 +218,7 @@ def cms_level_chunk(
         if pos % C == 0:
             w, acc = _maybe_reset(reset, pos, w, acc, history, C)
         rows = z_seg if pos == 0 else torch.cat([z_prev.unsqueeze(1), z_seg], 1)  # keys + reads
-        y_rows, cache = _forward(w, rows)
+        y_rows, cache = _forward(w, rows, opts.activation)
         outputs.append(y_rows[:, rows.shape[1] - n :])
         completes = (pos + n) % C == 0
         # Error terms are only needed if the chunk's update (or the state) is used.
@@ -186,7 +235,7 @@ def cms_level_chunk(
                     acc,
                     w,
                     rows[:, :n_keys],
-                    [c[:, :n_keys] for c in cache],
+                    [None if c is None else c[:, :n_keys] for c in cache],
                     y_rows[:, :n_keys],
                     keys_ctx,
                     target_seg[:, n - n_keys :],
@@ -222,28 +271,29 @@ def cms_level_reference(
     output_final_state: bool = False,
     detach_inner: bool = False,
     history: dict[int, Weights] | None = None,
+    activation: str = "silu",
 ) -> tuple[torch.Tensor, State | None]:
     """The oracle: a loop over tokens; per token, complete the pending pair (one error term by
     per-token backprop and :func:`~nestlearn.memory.rules.linear_gradient`, one DGD projection by
     :func:`~nestlearn.memory.rules.dgd_projection`), read, and step at chunk ends. Arguments as
     :func:`cms_level_chunk`; slow, for tests."""
-    opts = _options(lr, chunk_size, optimizer, momentum, error, detach_inner)
+    opts = _options(lr, chunk_size, optimizer, momentum, error, detach_inner, activation)
     target_ctx = z if target_ctx is None else target_ctx
     _check(z, weights, key_ctx, target_ctx, initial_state, opts)
     w, acc, z_prev, ctx_prev, pos = _unpack(initial_state, weights, opts, key_ctx)
     B, C = z.shape[0], opts.chunk_size
-    w = {name: x.expand(B, *x.shape[-2:]) for name, x in w.items()}
+    w = {name: _batched(x, name, B) for name, x in w.items()}
     if history is not None:
         history[pos // C] = w
     outputs = []
     for t in range(z.shape[1]):
         if pos % C == 0:
             w, acc = _maybe_reset(reset, pos, w, acc, history, C)
-            w = {name: x.expand(B, *x.shape[-2:]) for name, x in w.items()}
+            w = {name: _batched(x, name, B) for name, x in w.items()}
         if pos > 0:
             ctx = None if key_ctx is None else ctx_prev
             acc = _pair(acc, w, z_prev, ctx, target_ctx[:, t], opts)
-        outputs.append(_token_forward(w, z[:, t])[0])
+        outputs.append(_token_forward(w, z[:, t], opts.activation)[0])
         z_prev = z[:, t]
         if key_ctx is not None:
             ctx_prev = key_ctx[:, t]
@@ -266,18 +316,19 @@ def apply_update(w: Weights, acc: State, n_pairs: int, opts: _Options) -> tuple[
         momentum  S ← μ S − η Ĝ,  θ ← θ + S                     (rules.momentum)
         dgd       θ ← θ − η' P / n − η' Ĝ,   η' = η / (1 + η)   P = Σ_s (θ_c û_s) û_sᵀ
 
-    ``û_s`` is a map's input normalized; the DGD projection is averaged over the chunk so that
-    ``θ (I − η' P/n)`` is non-expansive for any ``C`` (``C = 1``: SPEC §3's DGD). Accumulators
-    restart at zero; the momentum is kept.
+    ``û_s`` is a map's input normalized (1 for a bias, so a bias's ``P / n`` is the bias); the
+    DGD projection is averaged over the chunk so that ``θ (I − η' P/n)`` is non-expansive for any
+    ``C`` (``C = 1``: SPEC §3's DGD). Accumulators restart at zero; the momentum is kept.
     """
     if n_pairs == 0:
         return w, {k: v for k, v in acc.items() if k.startswith("s.")}
     new_w: Weights = {}
     new_acc: State = {}
-    for name in MAPS:
+    for name in names_of(w):
         G = acc.get(f"g.{name}")
         if G is not None:
-            G = G / (1.0 + acc["e"])[:, None, None]
+            e = acc["e"]
+            G = G / (1.0 + e).view(-1, *[1] * _core(name))
         if G is None:
             new_w[name] = w[name]
             if f"s.{name}" in acc:
@@ -317,13 +368,28 @@ def _maybe_reset(
     return dict(fresh), {k: v for k, v in acc.items() if not k.startswith("s.")}
 
 
+def _bias(b: torch.Tensor) -> torch.Tensor:
+    # A shared bias [h] broadcasts over [B, n, h]; a per-sequence one [B, h] needs the token axis.
+    return b.unsqueeze(-2) if b.ndim == 2 else b
+
+
 def _forward(
-    w: Mapping[str, torch.Tensor], z: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    w: Mapping[str, torch.Tensor], z: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """``z [B, n, d]`` -> ``y [B, n, d]`` and the cache ``[a, b, u]`` (``b`` None if ungated)."""
     a = torch.matmul(z, w["w1"].mT)  # [B, n, h]
-    b = torch.matmul(z, w["w3"].mT)  # [B, n, h]
-    u = F.silu(a) * b  # [B, n, h]
-    return torch.matmul(u, w["w2"].mT), [a, b, u]  # [B, n, d]
+    if "b1" in w:
+        a = a + _bias(w["b1"])
+    b = None
+    if "w3" in w:
+        b = torch.matmul(z, w["w3"].mT)  # [B, n, h]
+        if "b3" in w:
+            b = b + _bias(w["b3"])
+    u = _act(a, activation) if b is None else _act(a, activation) * b  # [B, n, h]
+    y = torch.matmul(u, w["w2"].mT)  # [B, n, d]
+    if "b2" in w:
+        y = y + _bias(w["b2"])
+    return y, [a, b, u]
 
 
 def _silu_grad(x: torch.Tensor) -> torch.Tensor:
@@ -335,63 +401,98 @@ def _accumulate(
     acc: State,
     w: Weights,
     keys: torch.Tensor,
-    cache: list[torch.Tensor],
+    cache: list[torch.Tensor | None],
     y: torch.Tensor,
     key_ctx: torch.Tensor | None,
     targets: torch.Tensor,
     opts: _Options,
 ) -> State:
     """Add the error terms of ``n`` pairs (keys ``[B, n, d]`` with their forward at ``θ_c``):
-    manual backprop through the SwiGLU, each sum over the pairs one batched matmul."""
+    manual backprop through the block, each sum over the pairs one batched matmul."""
     a, b, u = cache
     if opts.detach_inner:
         w = {k: v.detach() for k, v in w.items()}
-        keys, a, b, u, y = keys.detach(), a.detach(), b.detach(), u.detach(), y.detach()
+        keys, a, u, y = keys.detach(), a.detach(), u.detach(), y.detach()
+        b = None if b is None else b.detach()
     delta = opts.error(y, key_ctx, targets)  # [B, n, d]
     if opts.detach_inner:
         delta = delta.detach()
     du = torch.matmul(delta, w["w2"])  # [B, n, h]
-    da = du * b * _silu_grad(a)
-    db = du * F.silu(a)
-    grads = {"w1": da.mT @ keys, "w3": db.mT @ keys, "w2": delta.mT @ u}  # Σ_s δ_s u_sᵀ
-    out = _add(acc, grads, _sensitivity(w["w2"], keys, a, b, u).sum(-1))
+    if b is None:
+        da, db = du * _act_grad(a, opts.activation), None
+    else:
+        da, db = du * b * _act_grad(a, opts.activation), du * _act(a, opts.activation)
+    grads = {"w1": da.mT @ keys, "w2": delta.mT @ u}  # Σ_s δ_s u_sᵀ
+    if db is not None:
+        grads["w3"] = db.mT @ keys
+    if "b1" in w:
+        grads.update(b1=da.sum(-2), b2=delta.sum(-2))
+        if db is not None:
+            grads["b3"] = db.sum(-2)
+    sens = _sensitivity(w, keys, a, b, u, opts.activation).sum(-1)
+    out = _add(acc, grads, sens)
     if opts.optimizer == "dgd":
-        for name, inp in (("w1", keys), ("w3", keys), ("w2", u)):
-            unit = F.normalize(inp, dim=-1)
-            proj = torch.matmul(unit, w[name].mT).mT @ unit  # Σ_s (θ û_s) û_sᵀ
+        B, n = keys.shape[:2]
+        for name in names_of(w):
+            if name[0] == "b":
+                proj = n * _batched(w[name], name, B)  # Σ_s (b·1)·1
+            else:
+                unit = F.normalize(u if name == "w2" else keys, dim=-1)
+                proj = torch.matmul(unit, w[name].mT).mT @ unit  # Σ_s (θ û_s) û_sᵀ
             key = f"p.{name}"
             out[key] = proj if acc.get(key) is None else acc[key] + proj
     return out
 
 
 def _sensitivity(
-    w2: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, u: torch.Tensor
+    w: Weights,
+    z: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    u: torch.Tensor,
+    activation: str,
 ) -> torch.Tensor:
-    """``‖u‖² + ‖z‖² Σ_j ‖W2[:, j]‖² ((b_j silu'(a_j))² + silu(a_j)²)`` per key: a bound of
+    """``‖u‖² [+ 1] + (‖z‖² [+ 1]) Σ_j ‖W2[:, j]‖² ((b_j σ'(a_j))² + σ(a_j)²)`` per key (ungated:
+    ``σ'(a_j)²`` alone; the ``+ 1`` terms with biases, whose input is the constant 1): a bound of
     ``‖∂y/∂θ (∂y/∂θ)ᵀ‖`` (W2's part exact, W1's and W3's by Frobenius norms). Shapes ``[..., h]``
     for ``a, b, u`` and ``[..., d]`` for ``z`` -> ``[...]``."""
-    col = w2.pow(2).sum(-2)  # ‖W2[:, j]‖² [(B,) h]
+    col = w["w2"].pow(2).sum(-2)  # ‖W2[:, j]‖² [(B,) h]
     if a.ndim == 3:
         col = col.unsqueeze(-2)
-    gates = (b * _silu_grad(a)).pow(2) + F.silu(a).pow(2)
-    return u.pow(2).sum(-1) + z.pow(2).sum(-1) * (gates * col).sum(-1)
+    if b is None:
+        gates = _act_grad(a, activation).pow(2)
+    else:
+        gates = (b * _act_grad(a, activation)).pow(2) + _act(a, activation).pow(2)
+    biased = 1.0 if "b1" in w else 0.0
+    inputs = z.pow(2).sum(-1) + biased
+    return u.pow(2).sum(-1) + biased + inputs * (gates * col).sum(-1)
 
 
 def _add(acc: State, grads: Weights, sensitivity: torch.Tensor) -> State:
     out = dict(acc)
-    for key, value in [*((f"g.{n}", grads[n]) for n in MAPS), ("e", sensitivity)]:
+    for key, value in [*((f"g.{n}", grads[n]) for n in names_of(grads)), ("e", sensitivity)]:
         out[key] = value if acc.get(key) is None else acc[key] + value
     return out
 
 
 def _token_forward(
-    w: Weights, z: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One token per sequence, ``z [B, d]``, weights ``[B, out, in]``: matrix-vector products."""
+    w: Weights, z: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One token per sequence, ``z [B, d]``, weights ``[B, out, in]`` (biases ``[B, out]``):
+    matrix-vector products."""
     a = (w["w1"] @ z.unsqueeze(-1)).squeeze(-1)
-    b = (w["w3"] @ z.unsqueeze(-1)).squeeze(-1)
-    u = F.silu(a) * b
-    return (w["w2"] @ u.unsqueeze(-1)).squeeze(-1), a, b, u
+    if "b1" in w:
+        a = a + w["b1"]
+    b = None
+    if "w3" in w:
+        b = (w["w3"] @ z.unsqueeze(-1)).squeeze(-1)
+        if "b3" in w:
+            b = b + w["b3"]
+    u = _act(a, activation) if b is None else _act(a, activation) * b
+    y = (w["w2"] @ u.unsqueeze(-1)).squeeze(-1)
+    if "b2" in w:
+        y = y + w["b2"]
+    return y, a, b, u
 
 
 def _pair(
@@ -405,22 +506,35 @@ def _pair(
     """One pair's error term by per-token backprop, written with the rules' functions."""
     if opts.detach_inner:
         w, key = {k: v.detach() for k, v in w.items()}, key.detach()
-    y, a, b, u = _token_forward(w, key)
+    y, a, b, u = _token_forward(w, key, opts.activation)
     ctx = None if key_ctx is None else key_ctx.unsqueeze(1)
     delta = opts.error(y.unsqueeze(1), ctx, target.unsqueeze(1)).squeeze(1)
     if opts.detach_inner:
         delta = delta.detach()
     du = (w["w2"].mT @ delta.unsqueeze(-1)).squeeze(-1)
-    grads = {
-        "w1": linear_gradient(du * b * _silu_grad(a), key),
-        "w3": linear_gradient(du * F.silu(a), key),
-        "w2": linear_gradient(delta, u),
-    }
-    out = _add(acc, grads, _sensitivity(w["w2"], key, a, b, u))
+    if b is None:
+        da = du * _act_grad(a, opts.activation)
+        grads = {"w1": linear_gradient(da, key), "w2": linear_gradient(delta, u)}
+    else:
+        da, db = du * b * _act_grad(a, opts.activation), du * _act(a, opts.activation)
+        grads = {
+            "w1": linear_gradient(da, key),
+            "w3": linear_gradient(db, key),
+            "w2": linear_gradient(delta, u),
+        }
+    if "b1" in w:
+        grads.update(b1=da, b2=delta)
+        if b is not None:
+            grads["b3"] = db
+    out = _add(acc, grads, _sensitivity(w, key, a, b, u, opts.activation))
     if opts.optimizer == "dgd":
-        for name, inp in (("w1", key), ("w3", key), ("w2", u)):
-            # θ − dgd_projection(θ, û, 1) = (θ û) ûᵀ.
-            proj = w[name] - dgd_projection(w[name], F.normalize(inp, dim=-1), 1.0)
+        for name in names_of(w):
+            if name[0] == "b":
+                proj = w[name]  # a bias reads the constant 1: (b·1)·1
+            else:
+                inp = u if name == "w2" else key
+                # θ − dgd_projection(θ, û, 1) = (θ û) ûᵀ.
+                proj = w[name] - dgd_projection(w[name], F.normalize(inp, dim=-1), 1.0)
             key_name = f"p.{name}"
             out[key_name] = proj if acc.get(key_name) is None else acc[key_name] + proj
     return out
@@ -434,8 +548,8 @@ def _unpack(
 ) -> tuple[Weights, State, torch.Tensor | None, torch.Tensor | None, int]:
     """Weights, accumulators (absent = zero), pending key and context, position."""
     if state is None:
-        return {name: weights[name] for name in MAPS}, {}, None, None, 0
-    w = {name: state[name] for name in MAPS}
+        return {name: weights[name] for name in names_of(weights)}, {}, None, None, 0
+    w = {name: state[name] for name in names_of(weights)}
     acc = {k: v for k, v in state.items() if k[:2] in ("g.", "s.", "p.") or k == "e"}
     ctx = state.get("ctx_prev") if key_ctx is not None else None
     return w, acc, state["z_prev"], ctx, int(state["pos"])
@@ -452,8 +566,8 @@ def _pack(
 ) -> State:
     B = z.shape[0]
     state: State = {}
-    for name in MAPS:
-        W = w[name].expand(B, *w[name].shape[-2:])
+    for name in names_of(w):
+        W = _batched(w[name], name, B)
         # Entries never share memory (safetensors refuses aliases; in-place edits stay local).
         state[name] = W.clone()
         prefixes = ["g", *{"momentum": ["s"], "dgd": ["p"]}.get(opts.optimizer, [])]
@@ -470,7 +584,13 @@ def _pack(
 
 
 def _options(
-    lr: float, chunk_size: int, optimizer: str, mu: float, error: ErrorFn, detach_inner: bool
+    lr: float,
+    chunk_size: int,
+    optimizer: str,
+    mu: float,
+    error: ErrorFn,
+    detach_inner: bool,
+    activation: str = "silu",
 ) -> _Options:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
@@ -481,7 +601,11 @@ def _options(
         raise ValueError(f"momentum: expected a coefficient in [0, 1), got {mu!r}")
     if not callable(error):
         raise ValueError(f"error: expected a callable (y, key_ctx, target) -> δ, got {error!r}")
-    return _Options(float(lr), chunk_size, optimizer, float(mu), error, bool(detach_inner))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown '{activation}'; choose one of {ACTIVATIONS}")
+    return _Options(
+        float(lr), chunk_size, optimizer, float(mu), error, bool(detach_inner), activation
+    )
 
 
 def _check_optimizer(optimizer: str) -> None:
@@ -490,17 +614,27 @@ def _check_optimizer(optimizer: str) -> None:
 
 
 def _check_weights(weights: Mapping[str, torch.Tensor], batch: int | None) -> None:
-    if not isinstance(weights, Mapping) or set(weights) != set(MAPS):
+    names = set(weights) if isinstance(weights, Mapping) else set()
+    gated = "w3" in names
+    biases = {"b1", "b3", "b2"} if gated else {"b1", "b2"}
+    allowed = [{"w1", "w2"} | ({"w3"} if gated else set()) | extra for extra in (set(), biases)]
+    if not isinstance(weights, Mapping) or names not in allowed:
         got = sorted(weights) if isinstance(weights, Mapping) else type(weights).__name__
-        raise ValueError(f"weights: expected a mapping with keys {list(MAPS)}, got {got}")
-    w1, w3, w2 = (weights[name] for name in MAPS)
-    h, d = w1.shape[-2:]
-    for name, x, shape in (("w1", w1, (h, d)), ("w3", w3, (h, d)), ("w2", w2, (d, h))):
-        ok = x.ndim == 2 or (x.ndim == 3 and (batch is None or x.shape[0] == batch))
-        if not ok or tuple(x.shape[-2:]) != shape:
+        raise ValueError(
+            f"weights: expected the keys {list(MAPS)} (SwiGLU), w1, w2 (ungated), each optionally "
+            f"with all of its biases (b1, b3, b2 / b1, b2), got {got}"
+        )
+    h, d = weights["w1"].shape[-2:]
+    shapes = {"w1": (h, d), "w3": (h, d), "w2": (d, h), "b1": (h,), "b3": (h,), "b2": (d,)}
+    for name in names_of(weights):
+        x, shape = weights[name], shapes[name]
+        core = _core(name)
+        ok = x.ndim == core or (x.ndim == core + 1 and (batch is None or x.shape[0] == batch))
+        if not ok or tuple(x.shape[-core:]) != shape:
             raise ValueError(
                 f"weights['{name}']: expected shape {list(shape)} or [B, *{list(shape)}] "
-                f"(w1, w3 [hidden, d], w2 [d, hidden]), got {list(x.shape)}"
+                f"(w1, w3 [hidden, d], w2 [d, hidden], b1, b3 [hidden], b2 [d]), "
+                f"got {list(x.shape)}"
             )
         if not x.is_floating_point():
             raise ValueError(f"weights['{name}']: expected a floating-point tensor, got {x.dtype}")
@@ -534,9 +668,10 @@ def _check(
         return
     if not isinstance(state, Mapping):
         raise ValueError(f"initial_state: expected a dict of tensors, got {type(state).__name__}")
-    expected = set(MAPS) | {f"g.{m}" for m in MAPS} | {"e", "z_prev", "pos"}
-    expected |= {f"s.{m}" for m in MAPS} if opts.optimizer == "momentum" else set()
-    expected |= {f"p.{m}" for m in MAPS} if opts.optimizer == "dgd" else set()
+    maps = names_of(weights)
+    expected = set(maps) | {f"g.{m}" for m in maps} | {"e", "z_prev", "pos"}
+    expected |= {f"s.{m}" for m in maps} if opts.optimizer == "momentum" else set()
+    expected |= {f"p.{m}" for m in maps} if opts.optimizer == "dgd" else set()
     expected |= {"ctx_prev"} if key_ctx is not None else set()
     if set(state) != expected:
         raise ValueError(
@@ -544,8 +679,8 @@ def _check(
             f"{', with key_ctx' if key_ctx is not None else ''}), got {sorted(state)}; make one "
             "with init_cms_level_state"
         )
-    for name in MAPS:
-        shape = [B, *weights[name].shape[-2:]]
+    for name in maps:
+        shape = [B, *weights[name].shape[-_core(name) :]]
         for key in [name] + [k for k in state if k.endswith(f".{name}")]:
             if list(state[key].shape) != shape:
                 raise ValueError(

@@ -7,6 +7,11 @@ softmax attention (a Transformer whose MLP is a CMS). Each CMS level carries its
 inside the CMS (:mod:`nestlearn.layers.cms`), so with one level this is exactly
 ``x + mlp(norm(x))``. Decoding state: ``pos`` and, per block ``i``, ``blocks.{i}.mixer.*`` and
 ``blocks.{i}.cms.*``.
+
+Defaults are Llama-style (RMSNorm, SwiGLU, RoPE, no biases). Switches make a GPT-2 block exactly:
+``norm=layer`` (LayerNorm with bias everywhere), ``cms_mlp=gelu_tanh`` with ``cms_bias``,
+``attn_bias`` and ``positions=learned`` (an embedding table added to the token embeddings);
+``nestlearn convert`` uses them (docs/level-stacking.md).
 """
 
 from __future__ import annotations
@@ -19,8 +24,14 @@ from torch import nn
 
 from nestlearn.config.schema import ModelConfig
 from nestlearn.errors import ConfigError
-from nestlearn.layers import CausalSelfAttention, RMSNorm, rope_tables
-from nestlearn.layers.cms import ContinuumMemory, Teacher, check_cms_options
+from nestlearn.layers import CausalSelfAttention, rope_tables
+from nestlearn.layers.cms import (
+    ContinuumMemory,
+    Teacher,
+    check_block_options,
+    check_cms_options,
+)
+from nestlearn.layers.norm import make_norm
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.common import block_state, check_tokens, init_decoder_weights
 from nestlearn.models.registry import register_model
@@ -33,13 +44,17 @@ class CMSFields:
 
     cms_chunk_sizes: list[int] = field(default_factory=lambda: [64, 16])  # C(l) per level
     cms_lrs: list[float] = field(default_factory=lambda: [0.5, 0.5])  # inner lr η(l) ∈ (0, 1]
-    cms_hidden: int = 0  # SwiGLU width per level (0 = 8/3·d_model / k, multiple of 32)
+    cms_hidden: int = 0  # MLP width per level (0 = 8/3·d_model / k, or 4·d_model / k for
+    # gelu_tanh, rounded up to a multiple of 32)
     cms_variant: str = "sequential"  # "sequential", "nested" or "independent"
     cms_objective: str = "teach"  # error source: "teach" or "local" (docs/cms.md)
     cms_optimizer: str = "gd"  # inner optimizer: "gd", "momentum" or "dgd"
     cms_momentum: float = 0.9  # μ of the "momentum" inner optimizer
     cms_detach_inner: bool = False  # stop-gradient through the inner error terms
     cms_mode: str = "chunk"  # "chunk" (training form) or "reference" (token loop, for checks)
+    cms_mlp: str = "swiglu"  # level block: "swiglu" (Llama) or "gelu_tanh" (GPT-2, ungated)
+    cms_bias: bool = False  # biases in the level blocks (GPT-2)
+    norm: str = "rms"  # every norm of the model: "rms" or "layer" (LayerNorm with bias, GPT-2)
 
 
 @dataclass(kw_only=True)
@@ -49,6 +64,8 @@ class HopeAttentionConfig(CMSFields, ModelConfig):
     n_heads: int = 4  # query heads; d_model / n_heads is the head dimension
     n_kv_heads: int = 0  # key/value heads for grouped-query attention (0 = n_heads)
     rope_theta: float = 10000.0  # RoPE base
+    positions: str = "rope"  # "rope" or "learned" (absolute embeddings added to the input, GPT-2)
+    attn_bias: bool = False  # biases in the qkv and output projections (GPT-2)
 
 
 def cms_hidden(config: CMSFields, d_model: int) -> int:
@@ -57,15 +74,18 @@ def cms_hidden(config: CMSFields, d_model: int) -> int:
     if config.cms_hidden:
         return config.cms_hidden
     k = max(1, len(config.cms_chunk_sizes))
-    return 32 * math.ceil(default_mlp_hidden(d_model) / k / 32)
+    width = 4 * d_model if config.cms_mlp == "gelu_tanh" else default_mlp_hidden(d_model)
+    return 32 * math.ceil(width / k / 32)
 
 
 class HopeBlock(nn.Module):
     """``x + mixer(norm(x))``, then ``x + cms(x)`` (the CMS normalizes per level)."""
 
-    def __init__(self, mixer: nn.Module, cms: ContinuumMemory, d_model: int, eps: float) -> None:
+    def __init__(
+        self, mixer: nn.Module, cms: ContinuumMemory, d_model: int, eps: float, norm: str = "rms"
+    ) -> None:
         super().__init__()
-        self.mixer_norm = RMSNorm(d_model, eps)
+        self.mixer_norm = make_norm(norm, d_model, eps)
         self.mixer = mixer
         self.cms = cms
 
@@ -100,11 +120,15 @@ class HopeLM(LanguageModel):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(
             HopeBlock(
-                self.build_mixer(config), self.build_cms(config), config.d_model, config.norm_eps
+                self.build_mixer(config),
+                self.build_cms(config),
+                config.d_model,
+                config.norm_eps,
+                config.norm,
             )
             for _ in range(config.n_layers)
         )
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -127,6 +151,9 @@ class HopeLM(LanguageModel):
             detach_inner=config.cms_detach_inner,
             mode=config.cms_mode,
             eps=config.norm_eps,
+            mlp=config.cms_mlp,
+            bias=config.cms_bias,
+            norm=config.norm,
         )
 
     def mixer_outputs(self, mixer: nn.Module) -> list[nn.Linear]:
@@ -138,6 +165,9 @@ class HopeLM(LanguageModel):
         cfg = self.config
         outputs = [p for block in self.blocks for p in self.mixer_outputs(block.mixer)]
         init_decoder_weights(self, cfg.init_std, cfg.n_layers, outputs)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
         for block in self.blocks:
             block.cms.reset_parameters(cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers))
             if hasattr(block.mixer, "reset_memory_parameters"):
@@ -163,7 +193,7 @@ class HopeLM(LanguageModel):
     ) -> tuple[torch.Tensor, State | None]:
         pos = 0 if state is None else int(state["pos"])
         check_tokens(tokens, self.config.vocab_size, self.context_limit, pos, state is not None)
-        x = self.embed(tokens)  # [B, T, d_model]
+        x = self.embed_inputs(tokens, pos)  # [B, T, d_model]
         teacher = None
         if self.config.cms_objective == "teach":
             teacher = Teacher(self.next_token_error, tokens)
@@ -174,19 +204,34 @@ class HopeLM(LanguageModel):
                 new_state.update({f"blocks.{i}.{k}": v for k, v in sub.items()})
         return self.head(self.norm(x)), new_state
 
+    def embed_inputs(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """The residual stream's input for tokens at positions ``pos ..``: ``[B, T, d_model]``."""
+        return self.embed(tokens)
+
     def next_token_error(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The teach signal: ``∂ CE(head(norm(h_s)), targets_s) / ∂h_s`` per position, through
-        the final norm and the head only, computed by hand (no autograd: it also runs under
-        ``torch.inference_mode``) and detached. ``h [B, n, d]``, ``targets [B, n]``."""
+        the final norm (RMSNorm or LayerNorm) and the head only, computed by hand (no autograd:
+        it also runs under ``torch.inference_mode``) and detached. ``h [B, n, d]``,
+        ``targets [B, n]``."""
         with torch.no_grad():
             h = h.detach().to(torch.promote_types(h.dtype, torch.float32))
             gain, weight = self.norm.weight.to(h.dtype), self.head.weight.to(h.dtype)
+            layer = isinstance(self.norm, nn.LayerNorm)
+            if layer:
+                h = h - h.mean(-1, keepdim=True)
+            # RMSNorm: r = 1/sqrt(mean(h²) + eps); LayerNorm: the same of the centred h.
             r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm.eps)  # [B, n, 1]
-            probs = torch.softmax((h * r * gain) @ weight.mT, dim=-1)  # [B, n, V]
+            normed = h * r * gain
+            if layer and self.norm.bias is not None:
+                normed = normed + self.norm.bias.to(h.dtype)
+            probs = torch.softmax(normed @ weight.mT, dim=-1)  # [B, n, V]
             probs.scatter_add_(-1, targets.unsqueeze(-1), -torch.ones_like(probs[..., :1]))
             e = (probs @ weight) * gain  # ∂CE/∂(h·r) [B, n, d]
-            # RMSNorm backward: r·e − h·r³·mean(h ⊙ e).
+            # RMSNorm backward: r·e − h·r³·mean(h ⊙ e); LayerNorm: the same at the centred h,
+            # then centred (the mean's backward).
             delta = r * e - h * r.pow(3) * (h * e).mean(-1, keepdim=True)
+            if layer:
+                delta = delta - delta.mean(-1, keepdim=True)
         return delta.to(self.embed.weight.dtype)
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -211,12 +256,21 @@ class AttentionMixer(nn.Module):
     ``[B, H_kv, max_seq_len, D]``, written in place like the Transformer's, and ``pos``)."""
 
     def __init__(
-        self, d_model: int, n_heads: int, n_kv_heads: int, max_seq_len: int, rope_theta: float
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        rope_theta: float | None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
-        self.attn = CausalSelfAttention(d_model, n_heads, n_kv_heads)
+        self.attn = CausalSelfAttention(d_model, n_heads, n_kv_heads, bias=bias)
         self.max_seq_len = max_seq_len
-        cos, sin = rope_tables(self.attn.head_dim, max_seq_len, rope_theta)
+        # rope_theta None: no rotation (positions enter as learned embeddings).
+        cos = sin = None
+        if rope_theta is not None:
+            cos, sin = rope_tables(self.attn.head_dim, max_seq_len, rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, D]
         self.register_buffer("rope_sin", sin, persistent=False)  # [max_seq_len, D]
 
@@ -246,6 +300,26 @@ class AttentionMixer(nn.Module):
 class HopeAttentionLM(HopeLM):
     """HOPE-attention (SPEC §5): a Transformer++ whose MLPs are Continuum Memory Systems."""
 
+    def __init__(self, config: HopeAttentionConfig) -> None:
+        if config.positions not in ("rope", "learned"):
+            raise ConfigError(f"model.positions: unknown '{config.positions}'; use rope or learned")
+        super().__init__(config)
+        if config.positions == "learned":
+            # Created after the base init so the default (RoPE) model's init draws are unchanged.
+            self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
+            nn.init.normal_(self.pos_embed.weight, std=config.init_std)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "pos_embed"):
+            nn.init.normal_(self.pos_embed.weight, std=self.config.init_std)
+
+    def embed_inputs(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        x = self.embed(tokens)
+        if hasattr(self, "pos_embed"):
+            x = x + self.pos_embed.weight[pos : pos + tokens.shape[1]]
+        return x
+
     def build_mixer(self, config: HopeAttentionConfig) -> nn.Module:
         if config.n_heads <= 0 or config.n_kv_heads < 0:
             raise ConfigError("model.n_heads must be > 0 and model.n_kv_heads >= 0")
@@ -257,8 +331,9 @@ class HopeAttentionLM(HopeLM):
             )
         if config.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta={config.rope_theta} must be > 0")
+        theta = config.rope_theta if config.positions == "rope" else None
         return AttentionMixer(
-            config.d_model, config.n_heads, n_kv, config.max_seq_len, config.rope_theta
+            config.d_model, config.n_heads, n_kv, config.max_seq_len, theta, config.attn_bias
         )
 
     def mixer_outputs(self, mixer: nn.Module) -> list[nn.Linear]:
@@ -291,6 +366,8 @@ def validate_hope(cfg: ModelConfig) -> None:
             cfg.cms_mode,
             prefix="model.cms_",
         )
+        check_block_options(cfg.cms_mlp, "rms", prefix="model.cms_")
+        check_block_options("swiglu", cfg.norm, prefix="model.")
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 
