@@ -1,4 +1,7 @@
-"""``nestlearn train [CONFIG] [overrides] [--resume RUN_DIR]``."""
+"""``nestlearn train [CONFIG] [overrides] [--resume RUN_DIR]``.
+
+Data-parallel: ``torchrun --nproc_per_node=N -m nestlearn train ...`` (docs/distributed.md).
+"""
 
 from __future__ import annotations
 
@@ -32,7 +35,12 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer.from_checkpoint(args.resume, parse_overrides(overrides))
     else:
         trainer = Trainer(config_from_args(args))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()  # under torchrun: leave the process group
+    if not trainer.dist.is_main:
+        return 0
     ev = result.final_eval
     state = "interrupted; checkpoint saved" if result.interrupted else "done"
     scores = f", val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}, bpb {ev['bpb']:.4f}" if ev else ""

@@ -278,6 +278,7 @@ _CHOICES = {
         "max-autotune",
         "max-autotune-no-cudagraphs",
     ),
+    ("train", "parallel"): ("auto", "none", "ddp", "fsdp"),
 }
 
 _POSITIVE = {

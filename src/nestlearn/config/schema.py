@@ -87,7 +87,7 @@ class TrainConfig:
     """The training loop."""
 
     steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # sequences per micro-batch, over all ranks (split across them)
     seq_len: int = 256  # tokens per sequence
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0  # model init and batch sampling
@@ -105,6 +105,9 @@ class TrainConfig:
     compile_mode: str = "default"  # default, reduce-overhead, max-autotune(-no-cudagraphs)
     activation_checkpointing: bool = False  # recompute each block in backward (less memory)
     level_periods: str = ""  # outer levels: "" off, "cms" (CMS level l every C(l) steps), "glob=p"
+    # Data parallelism (docs/distributed.md): "auto" (ddp under torchrun with WORLD_SIZE > 1,
+    # else none), "none", "ddp" or "fsdp" (FSDP2 fully_shard). batch_size is the global batch.
+    parallel: str = "auto"
 
 
 @dataclass(kw_only=True)

@@ -37,9 +37,19 @@ def newton_schulz(
 
     ``dtype``: ``"bfloat16"`` (Muon's), ``"float32"``, ``"float64"`` or ``"input"`` (keep x's).
     Odd: ``NS(−X) = −NS(X)`` exactly; scale-free up to ``eps``: ``NS(cX) ≈ NS(X)`` for ``c > 0``.
+
+    A DTensor ``x`` (FSDP2 shards, docs/distributed.md) is orthogonalised *globally*: the whole
+    matrix is gathered (``full_tensor()``), every rank iterates on it and keeps its own shard of
+    the result, which is therefore the single-process ``NS(X)`` exactly (one all-gather per call).
     """
     if x.ndim != 2:
         raise ValueError(f"newton_schulz: expected a matrix [n, d], got shape {list(x.shape)}")
+    if is_dtensor(x):
+        # A shard's orthogonal factor is not a piece of the matrix's: gather, iterate, re-shard.
+        full = newton_schulz(
+            x.full_tensor(), steps=steps, coefficients=coefficients, eps=eps, dtype=dtype
+        )
+        return shard_like(full, x)
     if dtype != "input" and dtype not in DTYPES:
         raise ValueError(f"newton_schulz: dtype={dtype!r}; choose one of {[*DTYPES, 'input']}")
     a, b, c = coefficients
@@ -54,6 +64,24 @@ def newton_schulz(
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         y = torch.addmm(y, poly, y, beta=a)
     return y.T if tall else y
+
+
+def is_dtensor(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (e.g. an FSDP2 parameter shard)."""
+    return type(x) is not torch.Tensor and hasattr(x, "device_mesh") and hasattr(x, "placements")
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor ``full`` (the same on every rank) laid out as the DTensor ``like``:
+    each rank keeps its own shard of it (no communication: Replicate -> Shard is a local slice).
+    ``full`` keeps its dtype."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    whole = DTensor.from_local(
+        full.to(like.device), mesh, [Replicate()] * mesh.ndim, run_check=False
+    )
+    return whole.redistribute(mesh, like.placements)
 
 
 def ns_gd_coefficients(gamma: float) -> tuple[float, float, float]:

@@ -9,6 +9,10 @@ Layout of ``RUN/checkpoints/step_00000100/``::
     tokenizer.json        the tokenizer the model was trained with
     manifest.json         format version, step, and the sha256 and size of every file above
 
+Data-parallel runs (``train.parallel=ddp|fsdp``) write sharded checkpoints instead of
+``model.safetensors`` (manifest format 2, :mod:`nestlearn.train.distributed_checkpoint`); every
+reader here accepts both formats.
+
 Writing: everything goes to a hidden temp folder that is fsynced and then renamed into place, and
 only then does ``RUN/checkpoints/latest`` (a one-line text file) move to it. A crash at any moment
 leaves the previous checkpoint and pointer intact; a leftover temp folder is never read and is
@@ -41,6 +45,8 @@ from nestlearn.train.faults import fault_point
 from nestlearn.utils.io import atomic_write_text, fsync_dir, sha256_file
 
 FORMAT_VERSION = 1
+FORMATS = (1, 2)  # 1: model.safetensors; 2: sharded (DCP) weights and optimizer tensors
+DCP_METADATA = "dcp/.metadata"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
@@ -128,31 +134,45 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         _write_files(tmp, step, model, trainer_state, cfg, tokenizer)
-        files = {}
-        for path in sorted(tmp.iterdir()):
-            _fsync_file(path)
-            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        manifest = {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "nestlearn": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": files,
-        }
-        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2))
-        fsync_dir(tmp)
-        if final.exists():
-            # Re-saving the same step (e.g. Ctrl-C right after a periodic save): replace it.
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        finish_checkpoint(tmp, final, step, FORMAT_VERSION)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_checkpoint(final, step, keep_last)
+    return final
+
+
+def finish_checkpoint(tmp: Path, final: Path, step: int, fmt: int) -> None:
+    """Hash and fsync every file of ``tmp`` (subfolders included), write the manifest and rename
+    ``tmp`` to ``final`` (replacing a checkpoint of the same step)."""
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync_file(path)
+        name = path.relative_to(tmp).as_posix()
+        files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest = {
+        "format": fmt,
+        "step": step,
+        "nestlearn": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+    }
+    atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2))
+    for folder in sorted({p.parent for p in tmp.rglob("*")}, reverse=True):
+        fsync_dir(folder)
+    if final.exists():
+        # Re-saving the same step (e.g. Ctrl-C right after a periodic save): replace it.
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def publish_checkpoint(final: Path, step: int, keep_last: int) -> None:
+    """Point ``latest`` at the completed checkpoint ``final`` and prune older ones."""
+    root = final.parent
     atomic_write_text(root / LATEST_FILE, final.name + "\n")
     _prune(root, keep_last, protect=final)
     fault_point("after_checkpoint", step)
-    return final
 
 
 def _prune(root: Path, keep_last: int, protect: Path) -> None:
@@ -186,12 +206,14 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{manifest_path} is corrupt ({exc}); use an earlier checkpoint"
         ) from exc
-    if manifest.get("format") != FORMAT_VERSION:
+    fmt = manifest.get("format")
+    if fmt not in FORMATS:
         raise CheckpointError(
-            f"{path}: checkpoint format {manifest.get('format')} is not supported by this "
-            f"nestlearn (format {FORMAT_VERSION}); use the nestlearn version that wrote it"
+            f"{path}: checkpoint format {fmt} is not supported by this nestlearn (formats "
+            f"{', '.join(map(str, FORMATS))}); use the nestlearn version that wrote it"
         )
-    for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE, TOKENIZER_FILE):
+    weights = MODEL_FILE if fmt == FORMAT_VERSION else DCP_METADATA
+    for name in (weights, STATE_FILE, CONFIG_FILE, TOKENIZER_FILE):
         if name not in files:
             raise CheckpointError(f"{path}: manifest lists no {name}; the checkpoint is incomplete")
     for name, meta in files.items():
@@ -247,6 +269,7 @@ class LoadedCheckpoint:
     config: RunConfig
     tokenizer: Any
     trainer_state: dict[str, Any] | None
+    format: int = FORMAT_VERSION  # 2: sharded (DCP) weights and optimizer tensors
 
 
 def read_checkpoint(path: Path, with_trainer_state: bool = True) -> LoadedCheckpoint:
@@ -264,12 +287,22 @@ def read_checkpoint(path: Path, with_trainer_state: bool = True) -> LoadedCheckp
     state = None
     if with_trainer_state:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    return LoadedCheckpoint(path, int(manifest["step"]), cfg, tokenizer, state)
+    fmt = int(manifest["format"])
+    return LoadedCheckpoint(path, int(manifest["step"]), cfg, tokenizer, state, fmt)
 
 
 def load_weights(model: nn.Module, path: Path, device: torch.device | str = "cpu") -> None:
-    """Load ``model.safetensors`` strictly; a shape or key mismatch names the first offenders."""
+    """Load ``model.safetensors`` strictly; a shape or key mismatch names the first offenders.
+
+    A sharded checkpoint (format 2, no ``model.safetensors``) is read with DCP in this process.
+    """
     file = Path(path) / MODEL_FILE
+    if not file.exists() and (Path(path) / DCP_METADATA).exists():
+        from nestlearn.train.distributed_checkpoint import load_sharded_weights
+
+        load_sharded_weights(model, Path(path))
+        model.to(device)
+        return
     stored = safetensors.torch.load_file(str(file), device="cpu")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(stored))

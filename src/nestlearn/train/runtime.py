@@ -49,10 +49,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def setup_runtime(cfg: TrainConfig) -> Runtime:
+def setup_runtime(cfg: TrainConfig, local_rank: int | None = None) -> Runtime:
+    """Threads, device and precision of the run.
+
+    ``local_rank`` (data-parallel runs): a CUDA device without an index becomes
+    ``cuda:local_rank`` and is made current, so each process of a node uses its own GPU.
+    """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    if local_rank is not None and device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     return Runtime(device=device, precision=resolve_precision(cfg.precision, device))
 
 

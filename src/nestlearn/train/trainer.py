@@ -5,6 +5,11 @@ Exactness: the batch of step ``s`` is a pure function of ``(train.seed, s)`` (se
 state, every RNG and the loop's own accumulators. Resuming from step ``N`` therefore replays steps
 ``N+1..`` exactly as an uninterrupted run would (on the same device and thread count).
 
+Data parallelism (``train.parallel``, docs/distributed.md): under ``torchrun`` every rank runs
+this loop on its rows of the global batch (:mod:`nestlearn.train.distributed`); losses and
+evaluations are reduced over ranks, only rank 0 writes files, and checkpoints are sharded
+(:mod:`nestlearn.train.distributed_checkpoint`). One process (``parallel=none``) is unchanged.
+
 Interruption: the first Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint
 and returns normally; a second one aborts at once.
 """
@@ -41,11 +46,20 @@ from nestlearn.train.checkpoint import (
     set_rng_state,
 )
 from nestlearn.train.compile import maybe_compile
+from nestlearn.train.distributed import (
+    DistEnv,
+    check_optimizer,
+    clip_gradients,
+    evaluate_sharded,
+    gradient_sync,
+    setup_parallel,
+    wrap_model,
+)
 from nestlearn.train.level_steps import LevelSteps
 from nestlearn.train.metrics import MetricsLog, read_metrics
 from nestlearn.train.optim import build_optimizer, build_scheduler
 from nestlearn.train.report import markdown_table, plot_losses, write_markdown
-from nestlearn.train.runtime import Runtime, seed_everything, setup_runtime
+from nestlearn.train.runtime import seed_everything
 
 
 @dataclass
@@ -118,7 +132,9 @@ class Trainer:
         corpus: TokenizedCorpus | None = None,
         _resume: Any = None,
     ) -> None:
-        self.runtime: Runtime = setup_runtime(cfg.train)
+        self.dist: DistEnv
+        self.dist, self.runtime = setup_parallel(cfg.train)
+        check_optimizer(self.dist.mode, cfg.optim.name, cfg.optim.preconditioner)
         self.run_dir = Path(cfg.train.out_dir)
         if _resume is None and list_checkpoints(self.run_dir):
             raise CheckpointError(
@@ -127,7 +143,10 @@ class Trainer:
             )
         progress = cfg.train.progress
         tokenizer = _resume.tokenizer if _resume is not None else None
-        self.corpus = corpus or prepare_data(cfg.data, tokenizer=tokenizer, progress=progress)
+        with self.dist.main_first():  # rank 0 fills the token cache, the others read it
+            self.corpus = corpus or prepare_data(
+                cfg.data, tokenizer=tokenizer, progress=progress and self.dist.is_main
+            )
         self.cfg = _resolve_vocab(cfg, self.corpus.tokenizer.vocab_size)
         self.token_bytes = self.corpus.tokenizer.token_byte_lengths()
         seed_everything(self.cfg.train.seed)
@@ -135,6 +154,8 @@ class Trainer:
         if self.cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         maybe_compile(self.model, self.cfg.train.compile, self.cfg.train.compile_mode)
+        # What train_step calls: the model itself, or DDP around it (FSDP shards it in place).
+        self.forward_model = wrap_model(self.model, self.dist, self.runtime)
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.steps)
         # Parameters stepped every p optimizer steps (SPEC §4 outer level); None when off.
@@ -147,10 +168,12 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if _resume is not None:
             self._restore(_resume)
-        else:
+        elif self.dist.is_main:
             self.metrics.reset()
-        save_config(self.cfg, self.run_dir / "config.yaml")
-        self.corpus.tokenizer.save(self.run_dir / "tokenizer.json")
+        if self.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            self.corpus.tokenizer.save(self.run_dir / "tokenizer.json")
+        self.dist.barrier()
 
     @classmethod
     def from_checkpoint(
@@ -181,19 +204,27 @@ class Trainer:
         return cls(cfg, _resume=loaded, **kwargs)
 
     def _restore(self, loaded) -> None:
-        load_weights(self.model, loaded.path, device=self.runtime.device)
         state = loaded.trainer_state
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.dist.enabled or loaded.format != 1:
+            # Any layout from either format: DCP reshards, a single file is split per rank.
+            from nestlearn.train.distributed_checkpoint import restore_state
+
+            levels = {} if self.level_steps is None else self.level_steps.accumulators
+            restore_state(loaded.path, loaded.format, state, self.model, self.optimizer, levels)
+        else:
+            load_weights(self.model, loaded.path, device=self.runtime.device)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.level_steps is not None and "level_steps" in state:
+                self.level_steps.load_state_dict(state["level_steps"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.level_steps is not None and "level_steps" in state:
-            self.level_steps.load_state_dict(state["level_steps"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.train_seconds = float(state["train_seconds"])
         self._loss_sum = float(state["loss_sum"])
         self._loss_count = int(state["loss_count"])
-        self.metrics.truncate_after(self.step)
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.step)
         self.last_checkpoint = loaded.path
 
     def trainer_state(self) -> dict[str, Any]:
@@ -213,6 +244,27 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Write a checkpoint (collective under data parallelism: every rank calls it)."""
+        if self.dist.enabled:
+            from nestlearn.train.distributed_checkpoint import save_sharded_checkpoint
+
+            state = self.trainer_state()
+            state.pop("optimizer")
+            state.pop("level_steps", None)
+            levels = {} if self.level_steps is None else self.level_steps.accumulators
+            self.last_checkpoint = save_sharded_checkpoint(
+                self.run_dir,
+                self.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                levels=levels,
+                trainer_state=state,
+                cfg=self.cfg,
+                tokenizer=self.corpus.tokenizer,
+                keep_last=self.cfg.train.keep_last,
+                env=self.dist,
+            )
+            return self.last_checkpoint
         self.last_checkpoint = save_checkpoint(
             self.run_dir,
             self.step,
@@ -234,7 +286,11 @@ class Trainer:
         )
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm).
+
+        Under data parallelism each rank trains on its rows of the global micro-batch and the
+        returned loss is the mean over ranks (the single-process loss of the whole batch).
+        """
         tc = self.cfg.train
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,17 +304,25 @@ class Trainer:
                 seq_len=tc.seq_len,
                 seed=tc.seed,
             )
+            if self.dist.enabled:
+                rows = self.dist.rows(tc.batch_size)
+                x, y = x[rows], y[rows]
             x, y = x.to(self.runtime.device), y.to(self.runtime.device)
-            with self.runtime.autocast():
-                logits, _ = self.model(x)
-            loss = F.cross_entropy(upcast(logits).reshape(-1, logits.size(-1)), y.reshape(-1))
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise self._non_finite("the training loss", value)
-            (loss / tc.grad_accum).backward()
+            last = micro == tc.grad_accum - 1
+            with gradient_sync(self.forward_model, self.dist, last):
+                with self.runtime.autocast():
+                    logits, _ = self.forward_model(x)
+                loss = F.cross_entropy(upcast(logits).reshape(-1, logits.size(-1)), y.reshape(-1))
+                value = self.dist.mean(float(loss.detach()))
+                if not math.isfinite(value):
+                    raise self._non_finite("the training loss", value)
+                (loss / tc.grad_accum).backward()
             total += value / tc.grad_accum
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.dist.mode == "fsdp":
+            grad_norm = clip_gradients(self.model.parameters(), clip)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not math.isfinite(grad_norm):
             raise self._non_finite("the gradient norm", grad_norm)
         if self.level_steps is not None:
@@ -279,6 +343,14 @@ class Trainer:
         )
 
     def evaluate(self) -> dict[str, float]:
+        if self.dist.enabled:
+            return evaluate_sharded(
+                self.model,
+                self.eval_windows(self.corpus.val),
+                self.token_bytes,
+                self.dist,
+                self.runtime,
+            )
         return evaluate_lm(
             self.model,
             self.eval_windows(self.corpus.val),
@@ -296,7 +368,7 @@ class Trainer:
     def _log_eval(self) -> dict[str, float]:
         result = self.evaluate()
         scores = {k: result[k] for k in ("loss", "ppl", "bpb")}
-        self.metrics.write(
+        self._write(
             {
                 "kind": "eval",
                 "step": self.step,
@@ -326,7 +398,7 @@ class Trainer:
         bar = tqdm(
             total=tc.steps,
             initial=self.step,
-            disable=not tc.progress,
+            disable=not (tc.progress and self.dist.is_main),
             desc=self.cfg.name,
             unit="step",
             dynamic_ncols=True,
@@ -346,7 +418,7 @@ class Trainer:
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     tps = window_tokens / max(window_time, 1e-9)
                     mean_loss = self._loss_sum / self._loss_count
-                    self.metrics.write(
+                    self._write(
                         {
                             "kind": "train",
                             "step": self.step,
@@ -365,8 +437,10 @@ class Trainer:
                     self._log_eval()
                 if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
                     self.save()
-                if stop.requested or (deadline is not None and time.monotonic() > deadline):
-                    interrupted = stop.requested
+                late = deadline is not None and time.monotonic() > deadline
+                requested, late = self.dist.any(stop.requested, late)  # all ranks agree
+                if requested or late:
+                    interrupted = requested
                     break
         # Ctrl-C means "save and get out": skip the final validation (resuming redoes it).
         final_eval = self._last_eval() if interrupted else self._log_eval()
@@ -383,8 +457,17 @@ class Trainer:
             unigram_eval=self.unigram_baseline(),
             checkpoint=checkpoint,
         )
-        self.write_report(result)
+        if self.dist.is_main:
+            self.write_report(result)
         return result
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            self.metrics.write(record)
+
+    def close(self) -> None:
+        """Leave the process group if this trainer created it (call once training is done)."""
+        self.dist.close()
 
     def write_report(self, result: TrainResult) -> None:
         """``loss.png`` and ``summary.md`` in the run folder."""
