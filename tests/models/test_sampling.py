@@ -109,3 +109,15 @@ def test_generate_does_not_leak_inference_mode():
     next(stream)
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     stream.close()
+
+
+def test_vocab_limit_never_samples_ids_the_tokenizer_lacks():
+    model = tiny()
+    with torch.no_grad():  # large logits for ids >= 7 (tied head: their embeddings grow too)
+        model.head.weight[7:] *= 50.0
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, VOCAB, (4, 3))
+    tokens = torch.stack(list(generate(model, prompt, 20, generator=gen, vocab_limit=7)))
+    assert int(tokens.max()) < 7
+    with pytest.raises(ValueError, match="vocab_limit"):
+        list(generate(model, [1, 2], 3, vocab_limit=0))

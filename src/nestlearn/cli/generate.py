@@ -50,6 +50,7 @@ def stream_text(model, tokenizer, cfg, device, out=None) -> str:
         top_p=sc.top_p,
         generator=generator,
         eos_id=tokenizer.eos_id,
+        vocab_limit=tokenizer.vocab_size,
     ):
         new_ids.append(int(token[0]))
         text = tokenizer.decode(new_ids)

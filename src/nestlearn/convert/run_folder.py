@@ -21,7 +21,7 @@ from nestlearn.config.loader import from_dict, save_config
 from nestlearn.config.schema import RunConfig, TrainConfig
 from nestlearn.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from nestlearn.errors import CheckpointError, ConfigError, DataError
-from nestlearn.train.checkpoint import list_checkpoints, rng_state, save_checkpoint
+from nestlearn.train.checkpoint import list_checkpoints, save_checkpoint
 from nestlearn.utils.io import atomic_write_text
 
 
@@ -85,6 +85,7 @@ def write_run_folder(
     0; returns the checkpoint folder. Refuses a folder that already holds checkpoints."""
     from nestlearn.train.level_steps import LevelSteps
     from nestlearn.train.optim import build_optimizer, build_scheduler
+    from nestlearn.train.trainer import make_trainer_state
 
     out = Path(out_dir)
     if list_checkpoints(out):
@@ -96,19 +97,13 @@ def write_run_folder(
     # The state a fresh `nestlearn train` would checkpoint at step 0, for --resume.
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    level_steps = LevelSteps.from_spec(model, cfg.train.level_periods)
-    trainer_state = {
-        **({} if level_steps is None else {"level_steps": level_steps.state_dict()}),
-        "step": 0,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-        "data": {"seed": cfg.train.seed, "next_step": 0},
-        "tokens_seen": 0,
-        "train_seconds": 0.0,
-        "loss_sum": 0.0,
-        "loss_count": 0,
-    }
+    trainer_state = make_trainer_state(
+        step=0,
+        seed=cfg.train.seed,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        level_steps=LevelSteps.from_spec(model, cfg.train.level_periods),
+    )
     checkpoint = save_checkpoint(
         out, 0, model=model, trainer_state=trainer_state, cfg=cfg, tokenizer=tokenizer
     )

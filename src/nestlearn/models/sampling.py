@@ -59,6 +59,7 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
+    vocab_limit: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each new token ``[B]`` as soon as it is sampled (streaming).
 
@@ -70,7 +71,9 @@ def generate(
     be fed back without exceeding ``model.context_limit`` (``max_seq_len`` for attention; none
     for recurrent models): each token is predicted from at most that many tokens of context, so
     at most ``limit - T + 1`` tokens come out. A prompt longer than the limit raises
-    :class:`~nestlearn.errors.SequenceTooLongError`.
+    :class:`~nestlearn.errors.SequenceTooLongError`. ``vocab_limit``: only ids below it are
+    sampled (a model whose head is wider than its tokenizer, e.g. a converted or padded
+    vocabulary, never emits an id the tokenizer cannot decode).
     """
     device = next(model.parameters()).device
     tokens = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
@@ -81,13 +84,16 @@ def generate(
     B, T = tokens.shape
     if max_new_tokens <= 0:
         return
+    if vocab_limit is not None and vocab_limit < 1:
+        raise ValueError(f"vocab_limit={vocab_limit} must be >= 1 (or None for the whole head)")
 
     limit = model.context_limit
     state = model.init_state(B, device)
     logits, state = model(tokens, state)  # [B, T, V]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for n in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
+        last = logits[:, -1, :vocab_limit]  # [B, V'] (V' = V when vocab_limit is None)
+        token = sample_next(last, temperature, top_k, top_p, generator)  # [B]
         yield token
         if eos_id is not None:
             done |= token == eos_id

@@ -118,6 +118,36 @@ def _run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
+def make_trainer_state(
+    *,
+    step: int,
+    seed: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    level_steps: Any = None,
+    tokens_seen: int = 0,
+    train_seconds: float = 0.0,
+    loss_sum: float = 0.0,
+    loss_count: int = 0,
+) -> dict[str, Any]:
+    """Everything besides the weights that a checkpoint needs to resume exactly at ``step``
+    (also what a converted model is saved with at step 0, see ``nestlearn.convert``)."""
+    extra = {} if level_steps is None else {"level_steps": level_steps.state_dict()}
+    return {
+        **extra,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        # The data position: batches are a pure function of (seed, step).
+        "data": {"seed": seed, "next_step": step},
+        "tokens_seen": tokens_seen,
+        "train_seconds": train_seconds,
+        "loss_sum": loss_sum,
+        "loss_count": loss_count,
+    }
+
+
 class Trainer:
     """Builds data, model and optimizer from a :class:`RunConfig` and trains.
 
@@ -228,20 +258,17 @@ class Trainer:
         self.last_checkpoint = loaded.path
 
     def trainer_state(self) -> dict[str, Any]:
-        extra = {} if self.level_steps is None else {"level_steps": self.level_steps.state_dict()}
-        return {
-            **extra,
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            # The data position: batches are a pure function of (seed, step).
-            "data": {"seed": self.cfg.train.seed, "next_step": self.step},
-            "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds,
-            "loss_sum": self._loss_sum,
-            "loss_count": self._loss_count,
-        }
+        return make_trainer_state(
+            step=self.step,
+            seed=self.cfg.train.seed,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            level_steps=self.level_steps,
+            tokens_seen=self.tokens_seen,
+            train_seconds=self.train_seconds,
+            loss_sum=self._loss_sum,
+            loss_count=self._loss_count,
+        )
 
     def save(self) -> Path:
         """Write a checkpoint (collective under data parallelism: every rank calls it)."""
