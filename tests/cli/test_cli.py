@@ -146,8 +146,8 @@ def test_bench_runs_a_benchmark_and_names_the_available_ones(tmp_path, capsys):
     assert (
         main(["bench", "train", "debug", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
     )
-    result = json.loads(out.read_text())
-    assert result["train_tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
     assert main(["bench", "nope"]) == 2
     err = capsys.readouterr().err
     assert "available: " in err and "memory" in err and "train_throughput" in err

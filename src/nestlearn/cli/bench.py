@@ -16,11 +16,14 @@ ALIASES = {"train": "train_throughput"}
 
 
 def benchmark_dirs() -> list[Path]:
+    """``benchmarks/`` folders; files starting with ``_`` are helpers, not benchmarks."""
     return shipped_dirs("benchmarks")
 
 
 def available() -> list[str]:
-    return sorted({p.stem for d in benchmark_dirs() for p in d.glob("*.py")})
+    return sorted(
+        {p.stem for d in benchmark_dirs() for p in d.glob("*.py") if not p.stem.startswith("_")}
+    )
 
 
 def add_parser(sub, name: str) -> None:

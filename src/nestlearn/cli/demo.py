@@ -1,7 +1,9 @@
 """``nestlearn demo [overrides]``: the main job.
 
-Trains every run listed in ``configs/demo.yaml`` on the same data (the Python standard library's
-source by default) and writes ``runs/demo/``: ``summary.md`` (one results table, the unigram
+Trains every run listed in ``configs/demo.yaml`` (a Transformer++, a recurrent baseline and HOPE)
+on the same data (the Python standard library's source by default) and the same token stream
+(equal data settings, seed, batch size, sequence length and steps: the demo refuses a spec where
+they differ) and writes ``runs/demo/``: ``summary.md`` (one results table, the unigram
 baseline, samples), ``loss.png`` (all curves), ``metrics.jsonl`` and ``results.json``, and one
 folder per run with its checkpoint, metrics, curve and ``sample.txt``. The demo owns its output
 folder: each run's folder is recreated.
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +68,44 @@ def demo_configs(spec: dict[str, Any], out: Path, overrides: list[str]) -> list[
     data = {str(c.data) for c in configs}
     if len(data) > 1:
         raise ConfigError("every demo run must use the same data.* settings (one corpus)")
+    budgets = {c.name: token_stream(c) for c in configs}
+    if len(set(budgets.values())) > 1:
+        listed = "; ".join(f"{name}: {_stream_text(b)}" for name, b in budgets.items())
+        raise ConfigError(
+            f"every demo run must train on the same tokens ({listed}); set train.steps, "
+            "batch_size, seq_len, grad_accum and seed alike in the runs' configs"
+        )
     return configs
+
+
+def token_stream(cfg: RunConfig) -> tuple[int, int, int, int, int]:
+    """What fixes the training batches: ``(steps, grad_accum, batch_size, seq_len, seed)`` (the
+    sampler draws batch ``(step, micro_step)`` from ``seed``), hence the tokens trained on."""
+    t = cfg.train
+    return (t.steps, t.grad_accum, t.batch_size, t.seq_len, t.seed)
+
+
+def _stream_text(stream: tuple[int, int, int, int, int]) -> str:
+    steps, accum, batch, seq, seed = stream
+    return f"{steps} steps x {accum} x {batch} x {seq} tokens, seed {seed}"
 
 
 def run(args: argparse.Namespace) -> int:
     spec = load_demo_spec(args.spec)
     out = Path(args.out or spec.get("out_dir", "runs/demo"))
     configs = demo_configs(spec, out, args.overrides)
+    started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     corpus = prepare_data(configs[0].data, progress=configs[0].train.progress)
     print(
         f"corpus: {configs[0].data.source}: {corpus.train_docs:,} train / {corpus.val_docs:,} "
         f"validation documents, {corpus.train.size:,} / {corpus.val.size:,} tokens "
         f"({corpus.tokenizer.kind}, vocab {corpus.tokenizer.vocab_size:,})"
+    )
+    steps, accum, batch, seq, _ = token_stream(configs[0])
+    print(
+        f"{len(configs)} runs ({', '.join(c.model.name for c in configs)}), each on the same "
+        f"{steps * accum * batch * seq:,} training tokens"
     )
     results: list[tuple[RunConfig, TrainResult, str]] = []
     for cfg in configs:
@@ -90,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         results.append((trainer.cfg, result, sample))
         if result.interrupted:
             break
-    _write_demo_report(out, results, corpus)
+    _write_demo_report(out, results, corpus, time.perf_counter() - started)
     print((out / "summary.md").read_text())
     return 0
 
@@ -108,22 +137,27 @@ def _sample(trainer: Trainer) -> str:
     )
 
 
-def _write_demo_report(out: Path, results, corpus) -> None:
+def _write_demo_report(out: Path, results, corpus, wall_seconds: float) -> None:
     curves, lines, table, records = {}, [], [], []
+    ref_name, ref = results[0][0].name, results[0][1].tokens_per_s
+    budget = token_stream(results[0][0])
+    budget_tokens = budget[0] * budget[1] * budget[2] * budget[3]
     for cfg, result, _ in results:
         metrics = read_metrics(Path(cfg.train.out_dir) / "metrics.jsonl")
         curves[cfg.name] = metrics
         lines += [json.dumps({"run": cfg.name, **m}) for m in metrics]
         ev = result.final_eval
+        complete = result.tokens_seen == budget_tokens
         table.append(
             [
                 cfg.name,
                 cfg.model.name,
                 result.n_params,
-                result.tokens_seen,
+                result.tokens_seen if complete else f"{result.tokens_seen:,} (stopped early)",
                 ev.get("ppl", float("nan")),
                 ev.get("bpb", float("nan")),
                 result.tokens_per_s,
+                f"{ref / max(result.tokens_per_s, 1e-9):.2f}x",
                 result.train_seconds,
             ]
         )
@@ -134,8 +168,10 @@ def _write_demo_report(out: Path, results, corpus) -> None:
                 "params": result.n_params,
                 "steps": result.step,
                 "tokens": result.tokens_seen,
+                "complete": complete,
                 "val": ev,
                 "tokens_per_s": result.tokens_per_s,
+                "time_per_token_ratio": ref / max(result.tokens_per_s, 1e-9),
                 "train_seconds": result.train_seconds,
                 "checkpoint": str(result.checkpoint),
                 "interrupted": result.interrupted,
@@ -152,12 +188,28 @@ def _write_demo_report(out: Path, results, corpus) -> None:
             uni["bpb"],
             "-",
             "-",
+            "-",
         ]
     )
+    machine = {
+        "threads": torch_threads(),
+        "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "wall_seconds": wall_seconds,
+    }
     atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
     atomic_write_text(
         out / "results.json",
-        json.dumps({"runs": records, "unigram": uni, "val_tokens": int(uni["tokens"])}, indent=2)
+        json.dumps(
+            {
+                "runs": records,
+                "unigram": uni,
+                "val_tokens": int(uni["tokens"]),
+                "budget_tokens": budget_tokens,
+                "machine": machine,
+            },
+            indent=2,
+        )
         + "\n",
     )
     plot_losses(curves, out / "loss.png", title="nestlearn demo")
@@ -169,18 +221,32 @@ def _write_demo_report(out: Path, results, corpus) -> None:
         "val ppl",
         "val bits/byte",
         "train tok/s",
+        f"time/token vs {ref_name}",
         "train s",
     ]
     samples = "\n".join(f"### {cfg.name}\n\n```text\n{sample}\n```\n" for cfg, _, sample in results)
+    load = machine["load_average"]
     write_markdown(
         out / "summary.md",
         "# nestlearn demo\n\n"
         f"Corpus `{results[0][0].data.source}`: {corpus.train_docs:,} training / "
         f"{corpus.val_docs:,} held-out documents (split by file), tokenizer "
-        f"`{corpus.tokenizer.kind}` ({corpus.tokenizer.vocab_size:,} tokens). Validation on "
+        f"`{corpus.tokenizer.kind}` ({corpus.tokenizer.vocab_size:,} tokens). Every run trains "
+        f"on the same {budget_tokens:,} tokens (same batches, in the same order). Validation on "
         f"{int(uni['tokens']):,} held-out tokens; the unigram row is a bag-of-tokens model fitted "
-        "on the training split, the floor every model must beat.\n\n"
+        "on the training split, the floor every model must beat. `time/token` is the run's "
+        "training time per token relative to the first run's (training throughput on this "
+        "machine, not a property of the architecture alone).\n\n"
         + markdown_table(headers, table)
-        + "\n![loss curves](loss.png)\n\n## Samples\n\n"
+        + f"\nDemo wall-clock (data preparation included): {wall_seconds / 60:.1f} min on "
+        f"{machine['cpus']} CPUs, torch threads: {machine['threads']}"
+        + (f", load average {load[0]:.1f} at the end" if load else "")
+        + ".\n\n![loss curves](loss.png)\n\n## Samples\n\n"
         + samples,
     )
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
