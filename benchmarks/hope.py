@@ -1,7 +1,7 @@
 """Self-modifying Titans (HOPE's sequence mixer) against PyPI ``nested-learning==0.2.0``.
 
     nestlearn bench hope [--json FILE] [--seq-len 512] [--repeats 3] [--threads N]
-                         [--clock wall|cpu]
+                         [--clock wall|cpu] [--autograd-bank]
 
 Ours: forward + backward tokens/s of :class:`~nestlearn.layers.self_modifying.
 SelfModifyingTitansMixer` (gradients into every meta-parameter through the inner updates) at
@@ -11,12 +11,15 @@ other memories, float32 on the CPU. Theirs: the forward-only, no-grad update pas
 settings, ``dim=256``, the same chunk sizes), optional: ``pip install nested-learning==0.2.0
 --no-deps`` (that module imports only torch). Each entry is timed after one warm-up call, best
 of ``--repeats``, in turns (a, b, a, b, ...) so that a burst of load on a shared machine hits all
-of them alike. The issue's target: ours with gradients >= 10x theirs.
+of them alike. The issue's target: ours with gradients >= 10x theirs. ``--autograd-bank`` also
+times ours with the other memories' segments through plain autograd (``fused_bank=False``, the
+formulation before ``memory/bank_fused.py``), in the same turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -45,11 +48,12 @@ def time_in_turns(
     return best
 
 
-def ours(x: torch.Tensor, other_chunk: int) -> Callable[[], None]:
+def ours(x: torch.Tensor, other_chunk: int, fused_bank: bool = True) -> Callable[[], None]:
     torch.manual_seed(0)
     layer = SelfModifyingTitansMixer(
         D_MODEL, HEADS, D_MODEL // HEADS, chunk_size=MEMORY_CHUNK, other_chunk_size=other_chunk
     )
+    layer.options = dataclasses.replace(layer.options, fused_bank=fused_bank)
 
     def step() -> None:
         layer.zero_grad(set_to_none=True)
@@ -91,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         default="wall",
         help="wall time, or this process's CPU time (steadier on a shared machine)",
     )
+    parser.add_argument(
+        "--autograd-bank",
+        action="store_true",
+        help="also time ours with plain autograd through the other memories' segments",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -100,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     installed = True
     for chunk in OTHER_CHUNKS:
         steps[f"ours/{chunk}"] = ours(x, chunk)
+        if args.autograd_bank:
+            steps[f"autograd/{chunk}"] = ours(x, chunk, fused_bank=False)
         step = theirs(x, chunk)
         installed = step is not None
         if step is not None:
@@ -116,11 +127,14 @@ def main(argv: list[str] | None = None) -> None:
         if installed:
             row["theirs_fwd_no_grad_tokens_per_s"] = args.seq_len / times[f"theirs/{chunk}"]
             row["ratio"] = times[f"theirs/{chunk}"] / times[f"ours/{chunk}"]
+        if args.autograd_bank:
+            row["ours_autograd_bank_tokens_per_s"] = args.seq_len / times[f"autograd/{chunk}"]
         results.append(row)
         rows.append(
             [
                 f"{chunk} / {MEMORY_CHUNK}",
                 row["ours_fwd_bwd_tokens_per_s"],
+                *([row["ours_autograd_bank_tokens_per_s"]] if args.autograd_bank else []),
                 row.get("theirs_fwd_no_grad_tokens_per_s", "-"),
                 f"x{row['ratio']:.1f}" if installed else "-",
             ]
@@ -135,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     if not installed:
         result["nested_learning"] = "not installed: pip install nested-learning==0.2.0 --no-deps"
-    headers = ["chunks (others / mem)", "ours fwd+bwd tok/s", "theirs fwd tok/s", "ratio"]
+    headers = ["chunks (others / mem)", "ours fwd+bwd tok/s"]
+    headers += ["ours, autograd bank"] if args.autograd_bank else []
+    headers += ["theirs fwd tok/s", "ratio"]
     print(markdown_table(headers, rows))
     if not installed:
         print(result["nested_learning"])

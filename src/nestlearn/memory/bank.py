@@ -25,7 +25,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nestlearn.memory import bank_fused
 from nestlearn.memory.dgd_mlp import Coefficients, Options, end_map, write_map
+from nestlearn.memory.dgd_write import WriteCoefficients
 
 
 class Layout(NamedTuple):
@@ -102,6 +104,45 @@ def forward(
 
 
 def segment(
+    lay: Layout,
+    w: list[torch.Tensor],
+    s: list[torch.Tensor],
+    wc: list[torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    targets: torch.Tensor | None,
+    coeffs: Coefficients,
+    opts: Options,
+    *,
+    fused: bool = True,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`segment_autograd`'s numbers; by default (``fused``, when
+    :func:`nestlearn.memory.bank_fused.supported`) as one autograd node with a hand-written
+    backward, :func:`nestlearn.memory.bank_fused.segment`."""
+    if fused and bank_fused.supported(opts):
+        c = write_coefficients(coeffs)
+        return bank_fused.segment(lay, w, s, wc, k, v, targets, c, opts)
+    return segment_autograd(lay, w, s, wc, k, v, targets, coeffs, opts)
+
+
+def write_coefficients(coeffs: Coefficients) -> WriteCoefficients:
+    """The coefficients the writes (no reads) of a segment use."""
+    before, end = coeffs.before, coeffs.end
+    return WriteCoefficients(
+        before.decay,
+        before.carry,
+        before.write,
+        coeffs.lower,
+        end.decay,
+        end.carry,
+        end.write,
+        end.project,
+        coeffs.s_decay,
+        coeffs.s_write,
+    )
+
+
+def segment_autograd(
     lay: Layout,
     w: list[torch.Tensor],
     s: list[torch.Tensor],

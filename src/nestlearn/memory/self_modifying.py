@@ -61,6 +61,10 @@ class SelfModifyingOptions:
     read: str = "per_token"  # M_mem read: per_token (dual form) or chunk_start
     eta_scale: float = 0.1  # η_t = softplus(·) · eta_scale, before the clamp
     detach_inner: bool = False  # stop-gradient through every memory's surprise
+    # The other memories' writes as one autograd node per segment with a hand-written backward
+    # (memory/bank_fused.py; L2 objective; once differentiable); False: plain autograd, the
+    # reference formulation.
+    fused_bank: bool = True
 
 
 class SelfModifyingParams(NamedTuple):
@@ -229,7 +233,9 @@ def _others_segment(
             [F.pad(_target_input(n, tokens["v"], options), (0, lay.out - o)) for n, o in pads]
         )
     coeffs = dgd_mlp.coefficients(tokens["eta"], mu, tokens["alpha"])
-    w, s = bank.segment(lay, w, s, wc, tokens["k"], tokens["v"], targets, coeffs, opts)
+    w, s = bank.segment(
+        lay, w, s, wc, tokens["k"], tokens["v"], targets, coeffs, opts, fused=options.fused_bank
+    )
     return tokens, w, s
 
 

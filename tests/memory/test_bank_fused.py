@@ -1,0 +1,191 @@
+"""The fused bank segment (one autograd node, hand-written backward) against autograd.
+
+``torch.autograd.gradcheck`` (float64, finite differences) checks the hand-written backward of
+:class:`nestlearn.memory.bank_fused._BankSegment` through every input: keys, target inputs or
+given targets, the start weights and momenta, the chunk-start weights and the gates (through the
+coefficients); and the fused segment must equal :func:`nestlearn.memory.bank.segment_autograd`,
+the previous formulation, outputs and gradients, over the switches of SPEC §5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nestlearn.layers.self_modifying import SelfModifyingTitansMixer
+from nestlearn.memory import bank, bank_fused, dgd_mlp
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_inputs(seed: int, *, N: int = 2, n: int = 3, D: int = 4, h: int = 3, given: bool = False):
+    """A bank of two residual memories (``D -> D``) and two 1-wide ones with a linear skip, its
+    packed start weights, momenta and (different) chunk-start weights, keys, gates."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=gen, dtype=DT)
+
+    memories = {
+        name: [normal(N, h, D, scale=D**-0.5), normal(N, out, h, scale=0.5)]
+        + ([normal(N, out, D, scale=0.5)] if out == 1 else [])
+        for name, out in (("k", D), ("v", D), ("eta", 1), ("alpha", 1))
+    }
+    lay = bank.layout(memories, list(memories))
+    w = bank.pack(lay, memories)
+    # Packed (zero padding of the 1-wide memories' second maps, as the bank always has).
+    wc = bank.pack(
+        lay, {m: [x + normal(*x.shape, scale=0.1) for x in ws] for m, ws in memories.items()}
+    )
+    s = bank.pack(lay, {m: [normal(*x.shape, scale=0.1) for x in ws] for m, ws in memories.items()})
+    k = F.normalize(normal(N, n, D), dim=-1)
+    v = normal(N, n, D)
+    targets = None
+    if given:
+        targets = torch.stack([F.pad(normal(N, n, o), (0, lay.out - o)) for o in lay.outs])
+    gates = {
+        "eta": 0.1 + 0.4 * torch.rand(N, n, generator=gen, dtype=DT),
+        "mu": torch.rand(N, n, generator=gen, dtype=DT),
+        "alpha": 0.5 + 0.5 * torch.rand(N, n, generator=gen, dtype=DT),
+    }
+    return lay, w, s, wc, k, v, targets, gates
+
+
+def options(**kw) -> dgd_mlp.Options:
+    target = kw.pop("target", "self")
+    return dgd_mlp.options(skip="identity", target=target, **kw)
+
+
+def segment_fn(lay, opts, fused: bool, momentum: bool, retention: bool):
+    def fn(k, v, targets, F0, G0, SF0, SG0, FC, GC, eta, mu, alpha):
+        coeffs = dgd_mlp.coefficients(eta, mu if momentum else None, alpha if retention else None)
+        w, s = bank.segment(
+            lay, [F0, G0], [SF0, SG0], [FC, GC], k, v, targets, coeffs, opts, fused=fused
+        )
+        return (*w, *s)
+
+    return fn
+
+
+CASES = {
+    "default": {},
+    "no momentum": {"momentum": False},
+    "no retention": {"retention": False},
+    "plain GD": {"dgd": False},
+    "given targets": {"target": "given"},
+    "gelu": {"activation": "gelu"},
+    "detach inner": {"detach_inner": True},
+}
+
+
+def split_case(case: dict) -> tuple[dict, bool, bool]:
+    case = dict(case)
+    return case, case.pop("momentum", True), case.pop("retention", True)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradcheck(name):
+    kw, momentum, retention = split_case(CASES[name])
+    given = kw.get("target") == "given"
+    lay, w, s, wc, k, v, targets, gates = make_inputs(0, given=given)
+    opts = options(**kw)
+    assert bank_fused.supported(opts)
+    inputs = [k, v, targets, *w, *s, *wc, gates["eta"], gates["mu"], gates["alpha"]]
+    # detach_inner: the surprise (k, v, targets, chunk-start weights) is a constant by design.
+    surprise = {0, 1, 2, 7, 8}
+    inputs = [
+        None if x is None else x.clone().requires_grad_(not (opts.detach_inner and i in surprise))
+        for i, x in enumerate(inputs)
+    ]
+    fn = segment_fn(lay, opts, True, momentum, retention)
+    assert torch.autograd.gradcheck(fn, tuple(inputs), atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_equals_autograd(name):
+    kw, momentum, retention = split_case(CASES[name])
+    given = kw.get("target") == "given"
+    lay, w, s, wc, k, v, targets, gates = make_inputs(1, N=3, n=5, D=6, h=4, given=given)
+    opts = options(**kw)
+    inputs = [k, v, targets, *w, *s, *wc, gates["eta"], gates["mu"], gates["alpha"]]
+    results = []
+    for fused in (True, False):
+        leaves = [None if x is None else x.clone().requires_grad_() for x in inputs]
+        out = segment_fn(lay, opts, fused, momentum, retention)(*leaves)
+        # The loss reads the memories (bank.unpack), not the bank's zero padding.
+        gen = torch.Generator().manual_seed(7)
+        loss = sum(
+            (x * torch.randn(x.shape, generator=gen, dtype=DT)).sum()
+            for pair in (out[:2], out[2:])
+            for ws in bank.unpack(lay, pair).values()
+            for x in ws
+        )
+        wrt = [x for x in leaves if x is not None]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads, strict=True)]
+        results.append((out, grads))
+    (out_f, grads_f), (out_a, grads_a) = results
+    for i, (a, b) in enumerate(zip(out_f, out_a, strict=True)):
+        torch.testing.assert_close(a, b, msg=f"output {i}")
+    for i, (a, b) in enumerate(zip(grads_f, grads_a, strict=True)):
+        torch.testing.assert_close(a, b, msg=f"gradient {i}")
+
+
+def test_unsupported_objective_falls_back_to_autograd():
+    opts = options(objective="huber")
+    assert not bank_fused.supported(opts)
+    lay, w, s, wc, k, v, _, gates = make_inputs(2)
+    coeffs = dgd_mlp.coefficients(gates["eta"], gates["mu"], gates["alpha"])
+    fused = bank.segment(lay, w, s, wc, k, v, None, coeffs, opts)
+    plain = bank.segment_autograd(lay, w, s, wc, k, v, None, coeffs, opts)
+    for a, b in zip([*fused[0], *fused[1]], [*plain[0], *plain[1]], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+LAYER_CASES = {
+    "default": {},
+    "no momentum": {"momentum": False},
+    "no retention": {"retention": False},
+    "plain GD": {"dgd": False},
+    "fully adaptive": {"variant": "fully_adaptive"},
+    "adaptive q, fixed k": {"adaptive_q": True, "fixed_k": True},
+    "gelu": {"activation": "gelu"},
+    "detach inner": {"detach_inner": True},
+}
+
+
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_mixer_with_fused_bank_equals_autograd_bank(name):
+    """The whole mixer, T not a multiple of either chunk size: outputs and every gradient."""
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        layer = SelfModifyingTitansMixer(
+            12, 2, 4, chunk_size=5, other_chunk_size=3, **LAYER_CASES[name]
+        ).to(DT)
+        layer.options = dataclasses.replace(layer.options, fused_bank=fused)
+        x = torch.randn(2, 11, 12, dtype=DT, generator=torch.Generator().manual_seed(1))
+        y = layer(x)[0]
+        (
+            y * torch.randn(y.shape, dtype=DT, generator=torch.Generator().manual_seed(2))
+        ).sum().backward()
+        results.append((y, {n: p.grad for n, p in layer.named_parameters()}))
+    (y_f, g_f), (y_a, g_a) = results
+    torch.testing.assert_close(y_f, y_a)
+    assert g_f.keys() == g_a.keys()
+    for key in g_a:
+        if g_a[key] is None:
+            assert g_f[key] is None, key
+        else:
+            torch.testing.assert_close(g_f[key], g_a[key], msg=f"gradient of {key}")
