@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import types
 
@@ -45,6 +46,18 @@ def test_streaming_past_a_transformers_context_says_so(run_dir, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "model.max_seq_len=64" in err and "use mode 'sliding'" in err
+
+
+@pytest.mark.parametrize("command", [["eval"], ["experiment", "perplexity", "--checkpoints"]])
+def test_a_checkpoint_without_its_tokenizer_is_named(run_dir, tmp_path, capsys, command):
+    from nestlearn.train.checkpoint import resolve_checkpoint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (resolve_checkpoint(copy) / "tokenizer.json").unlink()
+    assert main([*command, str(copy), "--out" if "experiment" in command else "--json",
+                 str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "tokenizer.json is missing" in capsys.readouterr().err
 
 
 @pytest.fixture

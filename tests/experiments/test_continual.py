@@ -151,14 +151,16 @@ def test_end_to_end_on_the_offline_default(tmp_path):
         "--no-progress",
     ]
     assert run_experiment("continual", argv) == 0
-    record = json.loads((out / "result.json").read_text())
-    assert record["experiment"] == "continual"
+    written = json.loads((out / "result.json").read_text())
+    assert written["experiment"] == "continual"
+    assert written["table"]["rows"][0][0] == written["results"]["metrics"]["average_accuracy"]
+    record = written["results"]
     assert record["data"] == "stdlib"
     R = record["accuracy_matrix"]
     assert R[0][1] is None and all(0.0 <= R[i][j] <= 1.0 for i in range(2) for j in range(i + 1))
     assert record["metrics"]["average_accuracy"] == pytest.approx((R[1][0] + R[1][1]) / 2)
     assert len(record["tasks"]) == 2 and len(record["task_stats"]) == 2
-    assert "backward transfer" in (out / "table.md").read_text()
+    assert "backward transfer" in (out / "results.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 0
 
 

@@ -100,3 +100,18 @@ def test_a_model_that_diverges_is_reported_not_run(tmp_path, capsys, monkeypatch
     assert result["table"]["rows"][0][3:] == [None, None]
     assert "step 7" in result["results"][0]["diverged"]
     assert "| transformer |" in (out / "results.md").read_text()
+
+
+def test_presets_fill_unset_flags_and_given_flags_win():
+    from nestlearn.experiments.model_source import apply_preset
+    from nestlearn.experiments.mqar import PRESETS, build_parser
+
+    tiny = apply_preset(build_parser().parse_args([]), PRESETS)
+    assert (tiny.vocab, tiny.steps, tiny.d_model) == (32, 1500, 64)
+    paper = apply_preset(build_parser().parse_args(["--preset", "paper", "--steps", "7"]), PRESETS)
+    assert (paper.vocab, paper.seq_lens[-1], paper.pairs[-1]) == (8192, 512, 64)
+    assert paper.steps == 7
+    # Every preset is a valid MQAR setting and fills every flag it names.
+    for name, values in PRESETS.items():
+        args = apply_preset(build_parser().parse_args(["--preset", name]), PRESETS)
+        assert all(getattr(args, k) == v for k, v in values.items())

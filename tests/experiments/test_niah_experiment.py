@@ -97,3 +97,14 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, extra, fragment):
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_presets_fill_unset_flags_and_given_flags_win():
+    from nestlearn.experiments.model_source import apply_preset
+    from nestlearn.experiments.niah import PRESETS, build_parser
+
+    tiny = apply_preset(build_parser().parse_args([]), PRESETS)
+    assert (tiny.lengths, tiny.train_lengths, tiny.needles) == ([192, 384, 768], [192], ["passkey"])
+    paper = apply_preset(build_parser().parse_args(["--preset", "paper", "--lr", "0.5"]), PRESETS)
+    assert paper.needles == ["passkey", "number", "uuid"] and paper.lengths[-1] == 8192
+    assert paper.lr == 0.5

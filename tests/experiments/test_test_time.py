@@ -183,24 +183,45 @@ def test_end_to_end_with_a_short_training(tmp_path):
         "--no-progress",
     ]
     assert run_experiment("test_time", argv) == 0
-    record = json.loads((tmp_path / "result.json").read_text())
-    assert record["experiment"] == "test_time"
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert written["experiment"] == "test_time"
+    assert [row[1] for row in written["table"]["rows"]] == ["carry", "reset"]
+    record = written["results"]
     assert set(record["conditions"]) == {"carry", "reset"}
     assert np.isfinite(record["train_final_loss"])
     assert record["state_roundtrip_exact"] is True
-    assert "age 1" in (tmp_path / "table.md").read_text()
+    assert "age 1" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "forgetting.png").stat().st_size > 0
 
 
 def test_a_transformer_that_cannot_hold_the_stream_says_so(tmp_path):
-    argv = ["--model=debug", "--docs=8", "--train-steps=0", f"--out={tmp_path}", "--no-progress"]
+    argv = ["--model=debug", "--docs=8", "--key-len=2", "--train-steps=0", f"--out={tmp_path}"]
     with pytest.raises(SequenceTooLongError, match=r"carried document stream.*fewer --docs"):
         run_experiment("test_time", argv)
     # 3 documents of 2 facts fit for evaluation (39 + 12 tokens) but not for training (39 + 36).
-    small = ["--model=debug", "--docs=3", "--facts-per-doc=2", f"--out={tmp_path}"]
+    small = ["--model=debug", "--docs=3", "--facts-per-doc=2", "--key-len=2", f"--out={tmp_path}"]
     with pytest.raises(SequenceTooLongError, match=r"a training episode is 75 tokens.*at most 64"):
         run_experiment("test_time", [*small, "--train-steps=1"])
     assert run_experiment("test_time", [*small, "--train-steps=0", "--episodes=1"]) == 0
+
+
+def test_more_facts_than_keys_is_refused(tmp_path):
+    from nestlearn.errors import ConfigError
+
+    argv = ["--docs=9", "--facts-per-doc=3", "--key-len=1", f"--out={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"27 facts need distinct keys.*--key-len 1 gives 26"):
+        run_experiment("test_time", argv)
+
+
+def test_the_default_fresh_model_is_small_and_overrides_replace_it():
+    from nestlearn.experiments.model_source import model_from_args
+    from nestlearn.experiments.test_time import build_parser
+
+    default = model_from_args(build_parser().parse_intermixed_args([]))
+    assert (default.model.config.name, default.model.config.d_model) == ("gated_deltanet", 64)
+    assert "model.d_model=64" in default.name
+    given = model_from_args(build_parser().parse_intermixed_args(["model.n_layers=1"]))
+    assert (given.model.config.d_model, given.model.config.n_layers) == (192, 1)
 
 
 def test_a_checkpoint_without_its_tokenizer_is_refused(tmp_path, debug_config):

@@ -76,16 +76,18 @@ def test_the_experiment_agrees_with_a_direct_scoring(tiny_task, tmp_path):
         f"--out={out}",
     ]
     assert run_experiment("zero_shot", argv) == 0
-    record = json.loads((out / "result.json").read_text())
+    written = json.loads((out / "result.json").read_text())
+    record = written["results"]
     scorer = LMScorer(tiny("gated_deltanet").float(), TOK)
     right = 0
     for doc in DOCS:
         scores = scorer.loglikelihood([(doc["question"], f" {c}") for c in doc["choices"]])
         best = max(range(len(scores)), key=lambda i: scores[i][0])
         right += best == doc["label"]
-    assert record["experiment"] == "zero_shot"
+    assert written["experiment"] == "zero_shot"
+    assert written["table"]["headers"] == ["model", "nestlearn_tiny", "average"]
     assert record["tasks"]["nestlearn_tiny"]["acc"] == right / len(DOCS)
-    assert "nestlearn_tiny" in (out / "table.md").read_text()
+    assert "nestlearn_tiny" in (out / "results.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 0
 
 

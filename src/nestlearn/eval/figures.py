@@ -1,4 +1,5 @@
-"""The experiments' figures: accuracy curves (MQAR), heat maps (NIAH), grouped bars (perplexity).
+"""The experiments' figures: accuracy curves (MQAR), heat maps (NIAH), grouped bars (perplexity),
+and :func:`save_figure` for experiments that draw their own (continual, test-time, zero-shot).
 
 Each function draws with matplotlib's Agg backend and writes a PNG atomically; missing values
 (``None``: a setting a model could not run) are left blank.
@@ -7,8 +8,9 @@ Each function draws with matplotlib's Agg backend and writes a PNG atomically; m
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 Series = Mapping[str, tuple[Sequence[float], Sequence[float | None]]]
 
@@ -28,6 +30,19 @@ def _save(fig, path: Path) -> None:
     fig.savefig(tmp)
     _pyplot().close(fig)
     tmp.replace(path)
+
+
+def save_figure(path: Path, draw: Callable[[Any], None], size: tuple[float, float]) -> Path:
+    """Create a figure of ``size`` inches, let ``draw(fig)`` fill it, save it atomically as PNG."""
+    fig = _pyplot().figure(figsize=size, dpi=120)
+    try:
+        draw(fig)
+        fig.tight_layout()
+    except BaseException:
+        _pyplot().close(fig)
+        raise
+    _save(fig, path)
+    return Path(path)
 
 
 def _nan(values: Sequence[float | None]) -> list[float]:

@@ -9,7 +9,9 @@
      "figures": ["mqar.png"],           # paths relative to OUT
      "results": [...]}                  # the experiment's full numbers
 
-``OUT/results.md`` holds the same table in markdown with the figures linked below it.
+``OUT/results.md`` holds the same table in markdown (or the experiment's own markdown, which
+may hold more tables) with the figures linked below it. Every experiment writes through
+:func:`write_result`.
 """
 
 from __future__ import annotations
@@ -50,8 +52,13 @@ def write_result(
     figures: Sequence[str] = (),
     results: Any = None,
     title: str = "",
+    markdown: str | None = None,
 ) -> Path:
-    """Write ``result.json`` and ``results.md`` into ``out_dir``; return the JSON's path."""
+    """Write ``result.json`` and ``results.md`` into ``out_dir``; return the JSON's path.
+
+    ``markdown`` replaces the rendered table as the body of ``results.md`` (an experiment with
+    several tables, e.g. a summary and a matrix); ``result.json`` always holds ``table``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
@@ -65,8 +72,11 @@ def write_result(
     }
     path = out_dir / RESULT_FILE
     atomic_write_text(path, json.dumps(_plain(record), indent=2, default=str) + "\n")
-    shown = [["—" if v is None else v for v in row] for row in rows]
-    text = f"# {title or experiment}\n\n" + markdown_table(headers, shown)
+    if markdown is None:
+        shown = [["—" if v is None else v for v in row] for row in rows]
+        text = f"# {title or experiment}\n\n" + markdown_table(headers, shown)
+    else:
+        text = markdown.rstrip("\n") + "\n"
     text += "".join(f"\n![{Path(f).stem}]({f})\n" for f in figures)
     atomic_write_text(out_dir / MARKDOWN_FILE, text)
     return path

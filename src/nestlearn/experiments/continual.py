@@ -11,7 +11,7 @@ transfer, forgetting and average incremental accuracy follow
 (:mod:`nestlearn.experiments.continual_metrics`).
 
 ``nestlearn experiment continual [--data stdlib|clinc150|banking77|dbpedia] [--model NAME |
---checkpoint DIR] [...]`` writes ``result.json``, ``table.md`` and ``accuracy.png`` to ``--out``.
+--checkpoint DIR] [...]`` writes ``result.json``, ``results.md`` and ``accuracy.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -37,15 +37,23 @@ from nestlearn.data.classification import (
 )
 from nestlearn.data.corpus import stable_hash
 from nestlearn.errors import ConfigError
+from nestlearn.eval.figures import save_figure
+from nestlearn.eval.results import write_result
 from nestlearn.experiments.continual_metrics import continual_metrics
 from nestlearn.experiments.label_scoring import LabelScorer
-from nestlearn.experiments.model_source import add_model_args, model_from_args
-from nestlearn.experiments.outputs import save_figure, write_result, write_table
+from nestlearn.experiments.model_source import add_model_args, add_run_args, model_from_args
 from nestlearn.train.optim import build_optimizer
 from nestlearn.train.report import markdown_table
 
 NAME = "continual"
 # Tasks x classes per task, per data set (CLINC150: 150 intents; Banking77: 77; DBpedia: 14).
+METRIC_KEYS = (
+    "average_accuracy",
+    "backward_transfer",
+    "forgetting",
+    "average_incremental_accuracy",
+)
+METRIC_HEADERS = ["average accuracy", "backward transfer", "forgetting", "avg incremental accuracy"]
 DEFAULT_SPLITS = {"stdlib": (5, 4), "clinc150": (15, 10), "banking77": (7, 11), "dbpedia": (7, 2)}
 
 
@@ -220,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--prompt-len", type=int, default=96, help="tokens per prompt")
     run.add_argument("--eval-batch-size", type=int, default=32)
-    run.add_argument("--out", default=f"runs/experiments/{NAME}", help="output folder")
-    run.add_argument("--no-progress", action="store_true")
+    add_run_args(parser, f"runs/experiments/{NAME}")
     return parser
 
 
@@ -270,10 +277,14 @@ def main(argv: Sequence[str] = ()) -> int:
         "accuracy_matrix": result["accuracy_matrix"].tolist(),
     }
     out = Path(args.out)
-    write_result(out, NAME, record)
-    write_table(out, render_table(record))
+    out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(result["accuracy_matrix"], out / "accuracy.png", source.name)
     m = result["metrics"]
+    write_result(
+        out, NAME, args=vars(args), headers=[*METRIC_HEADERS, "model", "data"],
+        rows=[[*(m[k] for k in METRIC_KEYS), source.name, args.data]], figures=["accuracy.png"],
+        results=record, markdown=render_table(record),
+    )  # fmt: skip
     print(
         f"{NAME} on {args.data} ({n_tasks} tasks x {per_task} classes), {source.name}: "
         f"ACC {m['average_accuracy']:.3f}, BWT {m['backward_transfer']:+.3f}, "
@@ -288,17 +299,7 @@ def render_table(record: dict[str, Any]) -> str:
     R = record["accuracy_matrix"]
     lines = [
         f"# Continual learning: {record['data']}, {record['model']}\n",
-        markdown_table(
-            ["average accuracy", "backward transfer", "forgetting", "avg incremental accuracy"],
-            [
-                [
-                    m["average_accuracy"],
-                    m["backward_transfer"],
-                    m["forgetting"],
-                    m["average_incremental_accuracy"],
-                ]
-            ],
-        ),
+        markdown_table(METRIC_HEADERS, [[m[k] for k in METRIC_KEYS]]),
         "Accuracy R[i, j] on task j after training task i:\n",
         markdown_table(
             ["after \\ task", *[str(j) for j in range(len(R))]],

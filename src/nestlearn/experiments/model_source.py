@@ -1,20 +1,35 @@
-"""The model an experiment runs on: a trained checkpoint, or a fresh model from a config.
+"""Where an experiment's models come from, and the command-line pieces every experiment shares.
 
-``--checkpoint DIR`` loads a run folder (its newest valid checkpoint) or a step folder: the
-model, its weights and the tokenizer it was trained with. ``--model NAME`` builds a fresh,
-randomly initialised model with the byte tokenizer (no corpus to prepare): NAME is a named config
-(``tiny``, ``gated_deltanet-tiny``, a ``.yaml`` path) or an architecture (``titans_lmm``: its
-``NAME-tiny`` config if there is one, else the ``tiny`` config's shared sizes). ``model.key=value``
-words override the fresh model's config.
+One module for all experiments:
+
+- :func:`add_run_args` / :func:`setup`: ``--out``, ``--seed``, ``--device``, ``--threads``,
+  ``--no-progress``; threads, seeds and the device. :func:`apply_preset`: named scales of an
+  experiment's defaults (``--preset tiny|paper``).
+- Experiments on one model (continual, test-time, zero-shot): :func:`add_model_args` and
+  :func:`model_from_args`. ``--checkpoint DIR`` loads a run folder (its newest valid checkpoint)
+  or a step folder: the model, its weights and the tokenizer it was trained with (a checkpoint
+  without ``tokenizer.json`` is refused by the checkpoint manifest check). ``--model NAME`` builds
+  a fresh, randomly initialised model with the byte tokenizer (no corpus to prepare): NAME is a
+  named config (``tiny``, ``gated_deltanet-tiny``, a ``.yaml`` path) or an architecture
+  (``titans_lmm``: its ``NAME-tiny`` config if there is one, else the ``tiny`` config's shared
+  sizes). ``model.key=value`` words override the fresh model's config.
+- Experiments that train several small models on a synthetic task (MQAR, NIAH):
+  :func:`add_architecture_args` (``--models``, ``--d-model``, ``--n-layers``, ``--n-heads``,
+  ``--set``) and :func:`model_overrides`; the models are built by
+  :func:`nestlearn.eval.synthetic.small_model`.
+- :func:`check_context` (a context longer than a bounded model takes) and :func:`clone_state`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import yaml
 
 from nestlearn.config import load_config, named_configs
 from nestlearn.config.loader import parse_overrides, read_named
@@ -23,7 +38,7 @@ from nestlearn.data.tokenizer import ByteTokenizer, Tokenizer
 from nestlearn.errors import ConfigError, SequenceTooLongError
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.registry import available_models, build_model, model_config_class
-from nestlearn.train.runtime import resolve_device
+from nestlearn.train.runtime import resolve_device, seed_everything
 
 DEFAULT_MODEL = "gated_deltanet-tiny"
 
@@ -37,22 +52,98 @@ class ExperimentModel:
     device: torch.device
 
 
-def add_model_args(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+def add_run_args(parser: argparse.ArgumentParser, out: str) -> None:
+    """``--out``, ``--seed``, ``--device``, ``--threads``, ``--no-progress``."""
+    parser.add_argument("--out", default=out, help=f"output folder (default {out})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, model init, sampling")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Threads, seeds and the device, from :func:`add_run_args`' arguments."""
+    if args.threads < 0:
+        raise ConfigError("--threads must be >= 0 (0 = torch's default)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    return resolve_device(args.device)
+
+
+def apply_preset(
+    args: argparse.Namespace, presets: Mapping[str, Mapping[str, Any]]
+) -> argparse.Namespace:
+    """Fill every flag left unset (``None``) from ``presets[args.preset]``: a named scale of an
+    experiment's defaults that any flag given on the command line overrides."""
+    for key, value in presets[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser,
+    default: str = DEFAULT_MODEL,
+    default_overrides: Sequence[str] = (),
+) -> None:
+    """``--model NAME``, ``--checkpoint DIR`` and ``model.key=value`` overrides (one model).
+
+    ``default_overrides`` apply to a fresh model when no ``model.*`` override is given (an
+    experiment whose CPU default needs a smaller model than the named config, say).
+    """
+    parser.set_defaults(default_overrides=list(default_overrides))
     group = parser.add_argument_group("model")
+    shown = " ".join([default, *default_overrides])
     group.add_argument(
         "--model",
         default=default,
-        help=f"named config, .yaml or architecture of a fresh model (default: {default})",
+        help=f"named config, .yaml or architecture of a fresh model (default: {shown})",
     )
     group.add_argument(
         "--checkpoint", help="run folder or checkpoint folder to load instead of a fresh model"
     )
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    group.add_argument("--seed", type=int, default=0, help="model init, data and sampling seed")
-    group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument(
         "overrides", nargs="*", metavar="model.key=value", help="fresh model's config overrides"
     )
+
+
+def add_architecture_args(parser: argparse.ArgumentParser, models: Sequence[str]) -> None:
+    """``--models``, ``--d-model``, ``--n-layers``, ``--n-heads``, ``--set`` (small models)."""
+    parser.add_argument(
+        "--models", nargs="+", default=list(models), metavar="NAME",
+        help=f"registered architectures to compare (default: {' '.join(models)})",
+    )  # fmt: skip
+    parser.add_argument("--d-model", type=int, help="residual width (default: the preset's)")
+    parser.add_argument("--n-layers", type=int, default=2, help="blocks")
+    parser.add_argument("--n-heads", type=int, default=2, help="heads (where the model has them)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+        help="another model field for every model that has it (e.g. chunk_size=32); repeatable",
+    )  # fmt: skip
+
+
+def model_overrides(models: Sequence[str], sets: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per model, the ``--set key=value`` fields its config class has.
+
+    A key that no chosen model has is an error (a typo would otherwise do nothing).
+    """
+    parsed: dict[str, Any] = {}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        key = key.removeprefix("model.")
+        if not sep or not key:
+            raise ConfigError(f"--set '{item}' is not of the form key=value (e.g. chunk_size=32)")
+        parsed[key] = yaml.safe_load(raw) if raw else ""
+    fields = {
+        name: {f.name for f in dataclasses.fields(model_config_class(name))} for name in models
+    }
+    for key in parsed:
+        if not any(key in f for f in fields.values()):
+            raise ConfigError(f"--set {key}=...: none of the models {', '.join(models)} has it")
+    return {name: {k: v for k, v in parsed.items() if k in fields[name]} for name in models}
 
 
 def fresh_model_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
@@ -84,14 +175,11 @@ def fresh_model_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def model_from_args(args: argparse.Namespace) -> ExperimentModel:
-    """Load ``--checkpoint`` or build ``--model`` on ``--device`` (eval mode, seeded init)."""
+    """Load ``--checkpoint`` or build ``--model`` on ``--device`` (eval mode, seeded init);
+    also applies :func:`setup` (threads, seeds)."""
     from nestlearn.train.checkpoint import load_model
 
-    if args.threads < 0:
-        raise ConfigError("--threads must be >= 0 (0 = torch's default)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = setup(args)
     if args.checkpoint:
         if args.overrides:
             raise ConfigError(
@@ -99,12 +187,14 @@ def model_from_args(args: argparse.Namespace) -> ExperimentModel:
             )
         model, loaded = load_model(args.checkpoint, device=device)
         return ExperimentModel(model, loaded.tokenizer, f"{loaded.path}", False, device)
-    cfg = fresh_model_config(args.model, args.overrides)
+    overrides = args.overrides or getattr(args, "default_overrides", [])
+    cfg = fresh_model_config(args.model, overrides)
     tokenizer = ByteTokenizer()
     cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device).eval()
-    return ExperimentModel(model, tokenizer, f"{args.model} (fresh, byte tokenizer)", True, device)
+    name = " ".join([args.model, *overrides])
+    return ExperimentModel(model, tokenizer, f"{name} (fresh, byte tokenizer)", True, device)
 
 
 def check_context(model: LanguageModel, n_tokens: int, what: str, fix: str) -> None:

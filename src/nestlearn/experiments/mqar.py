@@ -17,14 +17,34 @@ import torch
 from tqdm.auto import tqdm
 
 from nestlearn.errors import ConfigError, DataError, NonFiniteLossError
-from nestlearn.eval.experiment_args import add_common_args, add_model_args, model_overrides, setup
 from nestlearn.eval.figures import plot_curves
 from nestlearn.eval.mqar import chance_accuracy, check_mqar, mqar_accuracy, mqar_batch
 from nestlearn.eval.records import read_jsonl, write_jsonl
 from nestlearn.eval.results import write_result
 from nestlearn.eval.synthetic import IGNORE, small_model, train_synthetic
+from nestlearn.experiments.model_source import (
+    add_architecture_args,
+    add_run_args,
+    apply_preset,
+    model_overrides,
+    setup,
+)
 
 DEFAULT_MODELS = ("transformer", "gated_deltanet", "titans_lmm")
+# Defaults by scale. ``tiny`` shows the task learned in CPU minutes (measured in
+# docs/experiments.md); ``paper`` is the scale of Zoology's MQAR comparison (vocabulary 8,192,
+# lengths to 512, up to 64 pairs, 1,000 test sequences per cell).
+PRESETS: dict[str, dict[str, object]] = {
+    "tiny": {
+        "seq_lens": [32, 64], "pairs": [2, 4, 8], "vocab": 32, "steps": 1500, "batch_size": 32,
+        "lr": 3e-3, "warmup": 150, "test_examples": 128, "d_model": 64,
+    },
+    "paper": {
+        "seq_lens": [64, 128, 256, 512], "pairs": [4, 8, 16, 32, 64], "vocab": 8192,
+        "steps": 20000, "batch_size": 64, "lr": 1e-3, "warmup": 1000, "test_examples": 1000,
+        "d_model": 128,
+    },
+}  # fmt: skip
 TEST_SCHEMA = {
     "inputs": ((list,), True),
     "targets": ((list,), True),
@@ -34,27 +54,32 @@ TEST_SCHEMA = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestlearn experiment mqar", description=__doc__)
-    add_model_args(parser, DEFAULT_MODELS)
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=[32, 64], metavar="T")
-    parser.add_argument("--pairs", nargs="+", type=int, default=[2, 4, 8], metavar="P")
+    add_architecture_args(parser, DEFAULT_MODELS)
+    parser.add_argument(
+        "--preset", default="tiny", choices=list(PRESETS),
+        help="scale of the defaults below: tiny (CPU minutes) or paper (Zoology's scale, a GPU "
+        "run); any flag given overrides the preset",
+    )  # fmt: skip
+    parser.add_argument("--seq-lens", nargs="+", type=int, metavar="T")
+    parser.add_argument("--pairs", nargs="+", type=int, metavar="P")
     parser.add_argument(
         "--train-seq-lens", nargs="+", type=int, metavar="T",
         help="train only on these lengths (default: all --seq-lens); longer test lengths then "
         "measure extrapolation",
     )  # fmt: skip
-    parser.add_argument("--vocab", type=int, default=64, help="vocabulary (keys | values halves)")
-    parser.add_argument("--steps", type=int, default=500, help="training steps per model")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=40)
-    parser.add_argument("--test-examples", type=int, default=128, help="test sequences per cell")
+    parser.add_argument("--vocab", type=int, help="vocabulary (keys | values halves)")
+    parser.add_argument("--steps", type=int, help="training steps per model")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    parser.add_argument("--warmup", type=int, help="linear warmup steps")
+    parser.add_argument("--test-examples", type=int, help="test sequences per cell")
     parser.add_argument(
         "--test-file", type=Path,
         help="score on these test sequences instead (JSONL: inputs, targets with -100 where not "
         "scored, n_pairs)",
     )  # fmt: skip
     parser.add_argument("--save-test", type=Path, help="write the generated test sets as JSONL")
-    add_common_args(parser, "runs/mqar")
+    add_run_args(parser, "runs/experiments/mqar")
     return parser
 
 
@@ -152,7 +177,7 @@ def _train_and_test(name, args, train_cells, tests, max_len, overrides, device) 
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = apply_preset(build_parser().parse_args(argv), PRESETS)
     device = setup(args)
     out = Path(args.out)
     cells = _cells(args)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from nestlearn.config import load_config, named_configs, parse_overrides
 from nestlearn.errors import ConfigError, NonFiniteLossError, SequenceTooLongError
-from nestlearn.eval.experiment_args import add_common_args, setup
 from nestlearn.eval.figures import plot_bars
 from nestlearn.eval.results import write_result
 from nestlearn.eval.streaming import MODES, stream_perplexity
 from nestlearn.eval.text import eval_tokens
+from nestlearn.experiments.model_source import add_run_args, setup
 from nestlearn.models.registry import available_models
 from nestlearn.train import Trainer
 from nestlearn.train.checkpoint import load_model
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-tokens", type=int, default=8192, help="score the first N+1 tokens (0 = all)"
     )
-    add_common_args(parser, "runs/perplexity")
+    add_run_args(parser, "runs/experiments/perplexity")
     return parser
 
 

@@ -25,7 +25,7 @@ Protocol (``docs/experiments-continual.md``):
    and queried again: the answers must be identical (``state_roundtrip_exact``).
 
 ``nestlearn experiment test_time [--model NAME | --checkpoint DIR] [...]`` writes
-``result.json``, ``table.md``, ``forgetting.png`` and ``state.safetensors`` to ``--out``.
+``result.json``, ``results.md``, ``forgetting.png`` and ``state.safetensors`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nestlearn.config.schema import OptimConfig
 from nestlearn.data.tokenizer import Tokenizer
 from nestlearn.errors import ConfigError
-from nestlearn.eval.perplexity import upcast
+from nestlearn.eval.figures import save_figure
+from nestlearn.eval.results import write_result
+from nestlearn.eval.synthetic import train_synthetic
 from nestlearn.experiments.continual_metrics import continual_metrics
 from nestlearn.experiments.facts import (
     Episode,
@@ -58,17 +58,22 @@ from nestlearn.experiments.facts import (
 )
 from nestlearn.experiments.model_source import (
     add_model_args,
+    add_run_args,
     check_context,
     clone_state,
     model_from_args,
 )
-from nestlearn.experiments.outputs import save_figure, write_result, write_table
 from nestlearn.models.base import LanguageModel, State
-from nestlearn.train.optim import build_optimizer
 from nestlearn.train.report import markdown_table
 
 NAME = "test_time"
 CONDITIONS = ("carry", "reset")
+# CPU-minutes defaults (docs/experiments-continual.md): a small fresh model and one-letter keys.
+DEFAULT_OVERRIDES = ("model.d_model=64", "model.n_layers=2", "model.n_heads=2")
+KEY_LEN = 1
+VALUE_DIGITS = 2
+SUMMARY_KEYS = ("final_accuracy", "last_document_accuracy", "backward_transfer", "forgetting")
+SUMMARY_HEADERS = ["final accuracy", "last document", "backward transfer", "forgetting"]
 
 
 def train_fact_recall(
@@ -82,33 +87,27 @@ def train_fact_recall(
     value_digits: int = 2,
     seed: int = 0,
     progress: bool = False,
+    key_len: int = 2,
 ) -> list[float]:
-    """AdamW on whole training episodes (1..``n_docs`` documents); returns the losses."""
+    """Train on whole episodes (1..``n_docs`` documents, one count per batch); returns the
+    losses. AdamW without weight decay, linear warmup over the first 10% of the steps, then
+    cosine to 10% of ``lr``, gradient clipping 1 (:func:`nestlearn.eval.synthetic.train_synthetic`).
+    """
     device = next(model.parameters()).device
-    optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=0.0))
     rng = random.Random(f"train-{seed}")
-    model.train()
-    losses = []
-    bar = tqdm(range(steps), desc="train", disable=not progress)
-    for _ in bar:
+
+    def sample(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         docs = rng.randint(1, n_docs)
         episodes = [
-            sample_episode(rng, docs, facts_per_doc, value_digits=value_digits)
+            sample_episode(rng, docs, facts_per_doc, key_len, value_digits)
             for _ in range(batch_size)
         ]
-        x, y = training_batch(tokenizer, episodes, rng, device)
-        logits, _ = model(x)
-        loss = F.cross_entropy(
-            upcast(logits).reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    return losses
+        return training_batch(tokenizer, episodes, rng, device)
+
+    return train_synthetic(
+        model, sample, steps=steps, lr=lr, weight_decay=0.0, warmup=steps // 10, device=device,
+        desc="train", progress=progress,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -227,12 +226,12 @@ def run_test_time(
     seed: int = 0,
     state_path: Path | None = None,
     progress: bool = False,
+    key_len: int = 2,
 ) -> dict[str, Any]:
     """Evaluate both conditions on ``episodes`` fresh episodes (step 2 and 3 of the protocol)."""
     rng = random.Random(f"eval-{seed}")
     eps = [
-        sample_episode(rng, n_docs, facts_per_doc, value_digits=value_digits)
-        for _ in range(episodes)
+        sample_episode(rng, n_docs, facts_per_doc, key_len, value_digits) for _ in range(episodes)
     ]
     check_streams(model, tokenizer, eps, training=False)
     result: dict[str, Any] = {"chance_accuracy": chance_accuracy(value_digits), "conditions": {}}
@@ -253,30 +252,37 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_args(parser)
+    add_model_args(parser, "gated_deltanet", DEFAULT_OVERRIDES)
     task = parser.add_argument_group("facts")
     task.add_argument("--docs", type=int, default=4, help="documents per episode")
     task.add_argument("--facts-per-doc", type=int, default=3)
-    task.add_argument("--value-digits", type=int, default=2)
-    task.add_argument("--episodes", type=int, default=64, help="evaluation episodes")
+    task.add_argument("--key-len", type=int, default=KEY_LEN, help="letters per key")
+    task.add_argument("--value-digits", type=int, default=VALUE_DIGITS, help="digits per value")
+    task.add_argument("--episodes", type=int, default=32, help="evaluation episodes")
     train = parser.add_argument_group("training on the fact task")
     train.add_argument("--train-steps", type=int, default=2000, help="0 = evaluate as is")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--out", default=f"runs/experiments/{NAME}", help="output folder")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_args(parser, f"runs/experiments/{NAME}")
     return parser
 
 
 def main(argv: Sequence[str] = ()) -> int:
     args = build_parser().parse_intermixed_args(list(argv))
-    for flag in ("docs", "facts_per_doc", "value_digits", "episodes", "batch_size"):
+    for flag in ("docs", "facts_per_doc", "key_len", "value_digits", "episodes", "batch_size"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
     if args.train_steps < 0:
         raise ConfigError("--train-steps must be >= 0")
     source = model_from_args(args)
-    probe = sample_episode(random.Random(0), args.docs, args.facts_per_doc, 2, args.value_digits)
+    if args.docs * args.facts_per_doc > 26**args.key_len:
+        raise ConfigError(
+            f"--docs x --facts-per-doc = {args.docs * args.facts_per_doc} facts need distinct keys "
+            f"but --key-len {args.key_len} gives {26**args.key_len}; use a longer --key-len"
+        )
+    probe = sample_episode(
+        random.Random(0), args.docs, args.facts_per_doc, args.key_len, args.value_digits
+    )
     check_streams(source.model, source.tokenizer, [probe], training=args.train_steps > 0)
     progress = not args.no_progress
     out = Path(args.out)
@@ -293,6 +299,7 @@ def main(argv: Sequence[str] = ()) -> int:
             args.value_digits,
             args.seed,
             progress,
+            args.key_len,
         )
     result = run_test_time(
         source.model,
@@ -304,6 +311,7 @@ def main(argv: Sequence[str] = ()) -> int:
         args.seed,
         out / "state.safetensors",
         progress,
+        args.key_len,
     )
     tail = losses[-max(1, len(losses) // 10) :]
     record = {
@@ -311,6 +319,7 @@ def main(argv: Sequence[str] = ()) -> int:
         "protocol": {
             "docs": args.docs,
             "facts_per_doc": args.facts_per_doc,
+            "key_len": args.key_len,
             "value_digits": args.value_digits,
             "episodes": args.episodes,
             "train_steps": args.train_steps,
@@ -321,10 +330,15 @@ def main(argv: Sequence[str] = ()) -> int:
         "train_final_loss": float(np.mean(tail)) if tail else None,
         **result,
     }
-    write_result(out, NAME, record)
-    write_table(out, render_table(record))
     plot_forgetting(record, out / "forgetting.png")
     carry, reset = (result["conditions"][c]["final_accuracy"] for c in CONDITIONS)
+    rows = [
+        [source.name, c, *(result["conditions"][c][k] for k in SUMMARY_KEYS)] for c in CONDITIONS
+    ]
+    write_result(
+        out, NAME, args=vars(args), headers=["model", "condition", *SUMMARY_HEADERS], rows=rows,
+        figures=["forgetting.png"], results=record, markdown=render_table(record),
+    )  # fmt: skip
     print(
         f"{NAME}, {source.name}: final accuracy carry {carry:.3f} vs reset {reset:.3f} "
         f"(chance {result['chance_accuracy']:.3f}); results in {out}"
@@ -336,17 +350,8 @@ def render_table(record: dict[str, Any]) -> str:
     conditions = record["conditions"]
     D = len(conditions["carry"]["recall_matrix"])
     summary = markdown_table(
-        ["condition", "final accuracy", "last document", "backward transfer", "forgetting"],
-        [
-            [
-                name,
-                c["final_accuracy"],
-                c["last_document_accuracy"],
-                c["backward_transfer"],
-                c["forgetting"],
-            ]
-            for name, c in conditions.items()
-        ],
+        ["condition", *SUMMARY_HEADERS],
+        [[name, *(c[k] for k in SUMMARY_KEYS)] for name, c in conditions.items()],
     )
     by_age = markdown_table(
         ["condition", *[f"age {a}" for a in range(D)]],

@@ -8,12 +8,13 @@ as an lm-eval ``LM`` (the maths is :class:`~nestlearn.experiments.lm_scorer.LMSc
 through ``datasets`` (downloads unless cached); ``--include-path`` adds local task YAMLs.
 
 ``nestlearn experiment zero_shot [--checkpoint DIR | --model NAME] [--tasks a,b] [--limit N]``
-writes ``result.json``, ``table.md`` and ``accuracy.png`` to ``--out``.
+writes ``result.json``, ``results.md`` and ``accuracy.png`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ import numpy as np
 
 from nestlearn.data.tokenizer import Tokenizer
 from nestlearn.errors import ConfigError, require
+from nestlearn.eval.figures import save_figure
+from nestlearn.eval.results import write_result
 from nestlearn.experiments.lm_scorer import LMScorer
-from nestlearn.experiments.model_source import add_model_args, model_from_args
-from nestlearn.experiments.outputs import save_figure, write_result, write_table
+from nestlearn.experiments.model_source import add_model_args, add_run_args, model_from_args
 from nestlearn.models.base import LanguageModel
 from nestlearn.train.report import markdown_table
 
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="examples per task (default: all)")
     parser.add_argument("--num-fewshot", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default=f"runs/experiments/{NAME}", help="output folder")
+    add_run_args(parser, f"runs/experiments/{NAME}")
     return parser
 
 
@@ -150,6 +152,8 @@ def main(argv: Sequence[str] = ()) -> int:
     if args.limit is not None and args.limit <= 0:
         raise ConfigError("--limit must be > 0")
     require("lm_eval", "lmeval", "lm_eval")
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"  # lm-eval's own progress bars (tqdm >= 4.66)
     source = model_from_args(args)
     lm = lm_eval_model(source.model, source.tokenizer, batch_size=args.batch_size)
     result = evaluate_tasks(
@@ -169,10 +173,16 @@ def main(argv: Sequence[str] = ()) -> int:
         "average": result["average"],
     }
     out = Path(args.out)
-    write_result(out, NAME, record)
-    write_table(out, render_table(record))
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
     if record["headline"]:
-        plot_accuracy(record, out / "accuracy.png")
+        figures.append(plot_accuracy(record, out / "accuracy.png").name)
+    names = list(record["headline"])
+    write_result(
+        out, NAME, args=vars(args), headers=["model", *names, "average"],
+        rows=[[source.name, *(record["headline"][t]["value"] for t in names), record["average"]]],
+        figures=figures, results=record, markdown=render_table(record),
+    )  # fmt: skip
     average = "n/a" if result["average"] is None else f"{result['average']:.4f}"
     print(f"{NAME}, {source.name}: average {average} over {len(tasks)} tasks; results in {out}")
     return 0
