@@ -92,7 +92,8 @@ class MatrixMemoryMixer(nn.Module):
         self, x: torch.Tensor, state: State | None = None
     ) -> tuple[torch.Tensor, State | None]:
         """Mix ``x [B, T, d]``; with a state, continue from it and return the new one."""
-        q, k, v, conv_state = self.heads.qkv(x, state)
+        # The read scale rides on q's normalization (SPEC §2.2); the op then reads with scale 1.
+        q, k, v, conv_state = self.heads.qkv(x, state, q_scale=self.scale)
         log_alpha = self.decay(x) if self.decay is not None else None
         beta = (
             torch.sigmoid(self.beta_proj(x)).transpose(1, 2) if self.beta_proj is not None else None
@@ -106,7 +107,7 @@ class MatrixMemoryMixer(nn.Module):
             log_alpha=log_alpha,
             beta=beta,
             objective=self.variant.objective,
-            scale=self.scale,
+            scale=1.0,
             initial_state=None if state is None else state["memory"],
             output_final_state=state is not None,
             mode=self.mode,

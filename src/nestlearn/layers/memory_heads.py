@@ -12,7 +12,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from nestlearn.layers.norm import RMSNorm
@@ -57,9 +56,13 @@ class MemoryHeads(nn.Module):
         }
 
     def qkv(
-        self, x: torch.Tensor, state: State | None = None
+        self, x: torch.Tensor, state: State | None = None, *, q_scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
-        """``x [B, T, d]`` -> unit-norm ``q, k [B, H, T, dk]``, ``v [B, H, T, dv]``, conv state."""
+        """``x [B, T, d]`` -> ``q, k [B, H, T, dk]``, ``v [B, H, T, dv]``, conv state.
+
+        ``k`` has unit norm and ``q`` norm ``q_scale`` (a read scale folded into the
+        normalization costs nothing; applied to the output it would be a pass each way).
+        """
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         new_state: State = {}
         if self.conv_size > 0:
@@ -67,16 +70,21 @@ class MemoryHeads(nn.Module):
             q, new_state["conv_q"] = self.q_conv(q, state.get("conv_q"))
             k, new_state["conv_k"] = self.k_conv(k, state.get("conv_k"))
             v, new_state["conv_v"] = self.v_conv(v, state.get("conv_v"))
-        q = F.normalize(rearrange(q, "b t (h d) -> b h t d", h=self.n_heads), dim=-1)
-        k = F.normalize(rearrange(k, "b t (h d) -> b h t d", h=self.n_heads), dim=-1)
-        v = rearrange(v, "b t (h d) -> b h t d", h=self.n_heads)
+        # Normalized time-major ([B, T, H, d], contiguous), handed on as head-first views.
+        B, T = x.shape[:2]
+        q = l2_normalize(q.reshape(B, T, self.n_heads, self.dk), q_scale).transpose(1, 2)
+        k = l2_normalize(k.reshape(B, T, self.n_heads, self.dk)).transpose(1, 2)
+        v = v.reshape(B, T, self.n_heads, self.dv).transpose(1, 2)
         return q, k, v, new_state
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``o [B, H, T, dv]`` read from the memories -> ``[B, T, d]``."""
-        gate = rearrange(self.g_proj(x), "b t (h d) -> b h t d", h=self.n_heads)
+        B, T = x.shape[:2]
+        # One copy to time-major first, so that the norm, the gate and o_proj read contiguously.
+        o = o.transpose(1, 2).contiguous()  # [B, T, H, dv]
+        gate = self.g_proj(x).reshape(B, T, self.n_heads, self.dv)
         o = self.o_norm(o) * F.silu(gate)
-        return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.dv))
 
     def projection_flops(self) -> int:
         """Matmul weights of the projections (2 FLOPs each per token forward)."""
@@ -84,6 +92,46 @@ class MemoryHeads(nn.Module):
             m.weight.numel()
             for m in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.o_proj)
         )
+
+
+class _L2Normalize(torch.autograd.Function):
+    """``y = scale · x / max(‖x‖, eps)`` over the last dimension (``F.normalize`` times ``scale``).
+
+    Backward ``∂x = (scale / max(‖x‖, eps)) (g − x̂ ⟨g, x̂⟩)`` with ``x̂ = y / scale`` (the
+    projection only where the norm is not clamped): three passes, about half of autograd's
+    through ``F.normalize``. Under ``create_graph`` the norm is rebuilt from ``x`` differentiably.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float, eps: float) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        y = x * (scale / norm.clamp_min(eps))
+        ctx.save_for_backward(x, y, norm)
+        ctx.scale, ctx.eps = scale, eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x, y, norm = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: the norm as a function of x
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        unclamped = (norm > ctx.eps).to(y.dtype)
+        dot = torch.linalg.vecdot(grad, y).unsqueeze(-1) * (unclamped / ctx.scale**2)
+        return (
+            torch.addcmul(grad, y, dot, value=-1.0) * (ctx.scale / norm.clamp_min(ctx.eps)),
+            None,
+            None,
+        )
+
+
+def l2_normalize(x: torch.Tensor, scale: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
+    """``scale · x / max(‖x‖₂, eps)`` over the last dimension (SPEC §2.2: unit q and k).
+
+    Equal to ``scale * F.normalize(x, dim=-1, eps=eps)`` with a cheaper backward; ``scale > 0``.
+    """
+    if scale <= 0:
+        raise ValueError(f"l2_normalize: scale must be > 0, got {scale}")
+    return _L2Normalize.apply(x, float(scale), eps)
 
 
 def gate_projection(d_model: int, n_heads: int, bias_init: float) -> nn.Linear:
@@ -121,4 +169,4 @@ class MambaDecay(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T, d]`` -> ``log α [B, H, T]`` (≤ 0)."""
         dt = F.softplus(self.proj(x) + self.dt_bias)
-        return rearrange(-self.A_log.exp() * dt, "b t h -> b h t")
+        return (-self.A_log.exp() * dt).transpose(1, 2)

@@ -40,7 +40,15 @@ class ShortConv(nn.Module):
                 f"ShortConv state must be [{B}, {self.dim}, {self.width - 1}], "
                 f"got {tuple(state.shape)} (a state from another layer?)"
             )
-        padded = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, D, w−1+T]
-        y = F.conv1d(padded, self.weight.to(x.dtype), groups=self.dim).transpose(1, 2)
-        new_state = padded[..., padded.shape[-1] - (self.width - 1) :]
+        # Time-major throughout: [B, w−1+T, D] and a channels-last depthwise conv2d, so that the
+        # output is a contiguous [B, T, D] (conv1d on [B, D, T] would hand its consumers a
+        # transposed view, and every later per-token op would stride across time).
+        padded = torch.cat([state.to(x.dtype).transpose(1, 2), x], dim=1)  # [B, w−1+T, D]
+        y = F.conv2d(
+            padded.transpose(1, 2).unsqueeze(2),  # [B, D, 1, w−1+T], channels-last in memory
+            self.weight.to(x.dtype).unsqueeze(2),
+            groups=self.dim,
+        )
+        y = y.squeeze(2).transpose(1, 2)  # [B, T, D]
+        new_state = padded[:, padded.shape[1] - (self.width - 1) :].transpose(1, 2)
         return (F.silu(y) if self.activation else y), new_state

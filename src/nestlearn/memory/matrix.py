@@ -3,7 +3,8 @@
 One op in three forms under one signature: :func:`matrix_memory_reference` (a loop over tokens
 composing :mod:`nestlearn.memory.rules`), :func:`matrix_memory_chunk` (the chunkwise-parallel
 training form, exact up to float error) and :func:`matrix_memory_step` (one token, for decoding);
-:func:`matrix_memory` dispatches. The chunk form is derived in this folder's README.
+:func:`matrix_memory` dispatches. The chunk form is derived in this folder's README; its
+algorithm is in :mod:`nestlearn.memory.matrix_chunk`.
 
 Layout is head-first: ``q, k [B, H, T, Dk]``, ``v [B, H, T, Dv]``, gates ``[B, H, T]``. The state
 ``S [B, H, Dk, Dv]`` is the transpose of SPEC's memory ``M = Sᵀ ∈ R^{Dv×Dk}`` (so that ``q S``
@@ -21,12 +22,11 @@ DeltaNet ``l2`` without decay, Gated DeltaNet ``l2`` with it.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+# _unit_lower_inverse is re-exported: the DGD MLP memory (dgd_mlp.py) imports it from here.
+from nestlearn.memory.matrix_chunk import _unit_lower_inverse, chunk_forward  # noqa: F401
 from nestlearn.memory.rules import Objective, get_objective, linear_gradient, momentum, retain
 
 LINEAR_OBJECTIVES = ("dot", "l2")
@@ -148,69 +148,9 @@ def matrix_memory_chunk(
     inner = _check_objective(objective)
     _check_inputs(q, k, v, log_alpha, beta, initial_state, "initial_state", sequence=True)
     _check_chunk_size(chunk_size)
-    B, H, T = q.shape[:3]
-    Dv = v.shape[-1]
-    C = min(chunk_size, T)
-    N = math.ceil(T / C)
-    pad = N * C - T
-    if log_alpha is None:
-        log_alpha = q.new_zeros(B, H, T)
-    if beta is None:
-        beta = q.new_ones(B, H, T)
-    if initial_state is None:
-        initial_state = _zero_state(q, v)
-    if pad:
-        # A padded token (k = 0, v = 0, β = 0, α = 1) leaves the state as it is; its output is cut.
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        log_alpha, beta = (F.pad(x, (0, pad)) for x in (log_alpha, beta))
-    q, k, v = (x.reshape(B, H, N, C, -1) for x in (scale * q, k, v))
-    log_alpha, beta = (x.reshape(B, H, N, C) for x in (log_alpha, beta))
-
-    # Log-decays from the chunk start: γ_t = exp(b_t) = α_1 ⋯ α_t.
-    b = log_alpha.cumsum(-1)  # [B, H, N, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # exp(b_t − b_s) = α_{s+1} ⋯ α_t for s ≤ t; above the diagonal b_t − b_s ≥ 0 could overflow,
-    # so it is masked to −inf before the exp, which makes it an exact 0 with a zero gradient.
-    decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, -math.inf).exp()
-    # [B, H, N, C, C]: the intra-chunk read, query t from the writes s ≤ t
-    attn = (q @ k.transpose(-1, -2)) * decay
-    # [B, H, N, C, Dk]: the read of the chunk-start state, decayed to each token
-    q_from_start = q * b.exp().unsqueeze(-1)
-    # [B, H, N, C, Dk]: each write decayed to the end of its chunk
-    k_to_end = k * (b[..., -1:] - b).exp().unsqueeze(-1)
-    chunk_decay = b[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
-
-    beta_v = beta.unsqueeze(-1) * v  # [B, H, N, C, Dv]
-    if inner.name == "l2":
-        # UT transform: U = A diag(β) V and W = A diag(β γ) K with A = (I + L)⁻¹, L the strictly
-        # lower part of diag(β) (K Kᵀ ⊙ decay), the only part _unit_lower_inverse reads.
-        a = _unit_lower_inverse(beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * decay)
-        u = a @ beta_v  # [B, H, N, C, Dv]
-        w = a @ ((beta * b.exp()).unsqueeze(-1) * k)  # [B, H, N, C, Dk]
-    else:
-        u, w = beta_v, None
-
-    state = initial_state
-    # The loop carries only the state; the reads are batched over chunks after it. unbind, not
-    # indexing per chunk, whose backward would write N full-size gradients.
-    chunks = zip(
-        k_to_end.unbind(2),
-        chunk_decay.unbind(2),
-        u.unbind(2),
-        [None] * N if w is None else w.unbind(2),
-        strict=True,
+    o, state = chunk_forward(
+        q, k, v, log_alpha, beta, inner.name == "l2", scale, initial_state, chunk_size
     )
-    starts, writes = [], []
-    for k_n, decay_n, u_n, w_n in chunks:
-        # The effective writes u_t of the chunk, corrected for the state it starts from.
-        if w_n is not None:
-            u_n = u_n - w_n @ state  # [B, H, C, Dv]
-        starts.append(state)
-        writes.append(u_n)
-        state = decay_n * state + k_n.transpose(-1, -2) @ u_n
-    # [B, H, N, C, Dv]: the chunk-start states read by each token, plus the writes of the chunk
-    o = q_from_start @ torch.stack(starts, dim=2) + attn @ torch.stack(writes, dim=2)
-    o = o.reshape(B, H, N * C, Dv)[:, :, :T]
     return o, state if output_final_state else None
 
 
@@ -255,33 +195,6 @@ def _token_update(
     memory = memory + momentum(None, grad, 0.0, 1.0 if beta is None else beta)
     o = scale * (memory @ q.unsqueeze(-1)).squeeze(-1)  # [B, H, Dv]
     return o, memory.transpose(-1, -2)
-
-
-class _UnitLowerInverse(torch.autograd.Function):
-    """``(I + tril(L, −1))⁻¹`` by one triangular solve; ``L``'s diagonal and upper part unread.
-
-    The backward is ``−Aᵀ G Aᵀ`` on the strictly lower part: two batched matmuls, where
-    autograd through ``solve_triangular`` would run a transposed triangular solve, about twice
-    as slow on CPU for these many small matrices.
-    """
-
-    @staticmethod
-    def forward(ctx, lower: Tensor) -> Tensor:
-        eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
-        inverse = torch.linalg.solve_triangular(
-            lower, eye.expand_as(lower), upper=False, unitriangular=True
-        )
-        ctx.save_for_backward(inverse)
-        return inverse
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (inverse,) = ctx.saved_tensors
-        return -(inverse.transpose(-1, -2) @ grad @ inverse.transpose(-1, -2)).tril(-1)
-
-
-def _unit_lower_inverse(lower: Tensor) -> Tensor:
-    return _UnitLowerInverse.apply(lower)
 
 
 def _zero_state(q: Tensor, v: Tensor) -> Tensor:

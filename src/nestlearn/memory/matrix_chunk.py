@@ -1,0 +1,301 @@
+"""The chunkwise-parallel form of the matrix memories (SPEC §2.2), on checked inputs.
+
+:func:`nestlearn.memory.matrix.matrix_memory_chunk` validates its arguments and calls
+:func:`chunk_forward`; the algebra is derived in this folder's README ("The chunk form"). Inside,
+batch, heads and chunks are folded into one batch dimension, ``[B·H·N, C, D]``, so that every
+intra-chunk product is one ``bmm`` over all chunks and every tensor is contiguous.
+
+Only the chunk-start states ``S_n`` couple the chunks:
+
+    S_{n+1} = Γ_n S_n + K̃_nᵀ U_n        (Γ_n = γ_C of chunk n, K̃ = K ⊙ exp(b_C − b))
+
+For ``dot`` the writes ``U_n = diag(β) V_n`` do not depend on the state, so this is a linear scan
+with a scalar factor per chunk, solved without a loop:
+``S_n = (Π_{i<n} Γ_i) S_0 + Σ_{m<n} (Π_{m<i<n} Γ_i) K̃_mᵀ U_m``, a strictly lower-triangular
+``N × N`` matrix of chunk decays applied to all chunks' ``K̃ᵀ U`` at once. For ``l2`` the
+effective writes ``U_n − W_n S_n`` need the state, so a loop over the ``N`` chunks carries it (two
+small ``bmm`` per chunk). The delta rule's UT transform has a hand-written backward
+(:class:`_UTTransform`); everything else is differentiated by autograd, to any order.
+
+On the CPU (float32, one thread) the cost is mostly the ``[B·H·N, 64, 64]`` products, whose
+64 × 64 output tiles run at about a third of the speed per FLOP of the layers' projections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def chunk_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_alpha: Tensor | None,
+    beta: Tensor | None,
+    delta_rule: bool,
+    scale: float,
+    initial_state: Tensor | None,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """``o [B, H, T, Dv]`` and the final state ``[B, H, Dk, Dv]`` of the recurrence
+
+        dot (``delta_rule=False``):  S_t = α_t S_{t-1} + β_t k_t v_tᵀ
+        l2  (``delta_rule=True``):   S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ
+        o_t = scale · S_tᵀ q_t
+
+    with ``α = exp(log_alpha)`` (``None``: 1), ``β = beta`` (``None``: 1), ``S_0 = initial_state``
+    (``None``: 0), in chunks of ``chunk_size`` tokens (cut to ``T``). Inputs are assumed checked.
+    """
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    C = min(chunk_size, T)
+    N = math.ceil(T / C)
+    pad = N * C - T
+    if pad:
+        # A padded token (k = 0, v = 0, β = 0, α = 1) leaves the state as it is; its output is cut.
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        log_alpha, beta = (None if x is None else F.pad(x, (0, pad)) for x in (log_alpha, beta))
+    # [B·H·N, C, D]; a copy only where the caller's layout is not head-first contiguous.
+    q, k, v = (x.reshape(B * H * N, C, x.shape[-1]) for x in (q, k, v))
+    if scale != 1.0:
+        # on q rather than on the read: one pass each way, where a scaled bmm-add would scale
+        # three gradients (callers that can fold it in upstream pass scale = 1)
+        q = q * scale
+    if log_alpha is None:
+        decay = gamma = chunk_log_decay = None
+        k_to_end = k
+    else:
+        # Log-decays from the chunk start: γ_t = exp(b_t) = α_1 ⋯ α_t.
+        b = log_alpha.reshape(B * H * N, C).cumsum(-1)
+        # exp(b_t − b_s) = α_{s+1} ⋯ α_t for s ≤ t; above the diagonal b_t − b_s ≥ 0 could
+        # overflow, so it is set to −inf before the exp: an exact 0 with a zero gradient.
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        decay = (b[:, :, None] - b[:, None, :]).masked_fill_(~causal, -math.inf).exp()
+        gamma = b.exp()
+        k_to_end = k * (b[:, -1:] - b).exp().unsqueeze(-1)  # each write decayed to chunk end
+        chunk_log_decay = b[:, -1].reshape(B * H, N)
+    # [B·H·N, C, C]: the intra-chunk read, query t from the writes s ≤ t
+    attn = q @ k.transpose(-1, -2)
+    attn = attn.tril() if decay is None else attn * decay
+    beta_col = None if beta is None else beta.reshape(B * H * N, C, 1)
+    beta_v = v if beta_col is None else beta_col * v
+    state = None if initial_state is None else initial_state.reshape(B * H, Dk, Dv)
+    if delta_rule:
+        # UT transform: U = A diag(β) V and W = A diag(β γ) K with A = (I + L)⁻¹, L the strictly
+        # lower part of diag(β) (K Kᵀ ⊙ decay), the only part _unit_lower_inverse reads (so
+        # without decay the product is not masked).
+        beta_k = k if beta_col is None else beta_col * k
+        lower = beta_k @ k.transpose(-1, -2)
+        if decay is not None:
+            lower = lower * decay
+        if gamma is None:
+            beta_gamma_k = beta_k
+        else:
+            beta_gamma = gamma if beta_col is None else gamma * beta_col.squeeze(-1)
+            beta_gamma_k = beta_gamma.unsqueeze(-1) * k
+        u, w = _ut_transform(lower, beta_v, beta_gamma_k)
+        starts, u, state = _delta_scan(k_to_end, u, w, chunk_log_decay, state, B * H, N)
+    else:
+        u = beta_v
+        starts, state = _linear_scan(k_to_end, u, chunk_log_decay, state, B * H, N)
+    q_start = q if gamma is None else q * gamma.unsqueeze(-1)
+    # o = (Q ⊙ γ) S_start + (Q Kᵀ ⊙ D) U (q scaled), one bmm and one bmm-add over all chunks
+    o = torch.baddbmm(q_start @ starts, attn, u)
+    o = o.reshape(B, H, N * C, Dv)
+    return (o[:, :, :T] if pad else o), state.reshape(B, H, Dk, Dv)
+
+
+def _linear_scan(
+    k_to_end: Tensor,
+    u: Tensor,
+    chunk_log_decay: Tensor | None,
+    state: Tensor | None,
+    batch: int,
+    N: int,
+) -> tuple[Tensor, Tensor]:
+    """Chunk-start states ``[batch·N, Dk, Dv]`` and the final state of the dot recurrence.
+
+    ``S_{n+1} = Γ_n S_n + K̃_nᵀ U_n`` for all n at once:
+    ``S_n = (Π_{i<n} Γ_i) S_0 + Σ_{m<n} (Π_{m<i<n} Γ_i) K̃_mᵀ U_m`` (``n = N``: the final state),
+    two small matmuls of the chunk-decay matrices with all chunks' writes.
+    """
+    Dk, Dv = k_to_end.shape[-1], u.shape[-1]
+    writes = (k_to_end.transpose(-1, -2) @ u).reshape(batch, N, Dk * Dv)  # K̃_nᵀ U_n
+    earlier = torch.ones(N, N, dtype=torch.bool, device=u.device).tril(-1)  # m < n
+    if chunk_log_decay is None:
+        mix = earlier.to(u.dtype).expand(batch, N, N).contiguous()
+        last = u.new_ones(batch, 1, N)
+        start_decay = final_decay = None
+    else:
+        # Sums of log-decays over runs of chunks, Σ_{m<i≤n} log Γ_i, summed per run rather than
+        # as differences of one long cumsum: those would lose digits over a long sequence.
+        g = chunk_log_decay[:, :, None].expand(batch, N, N).masked_fill(~earlier, 0.0)
+        runs = g.cumsum(1)  # [batch, N, N]: Σ_{m<i≤n} log Γ_i at [n, m], m < n
+        # row n: exp(Σ_{m<i≤n−1} log Γ_i) for m < n, 0 above (−inf before the exp)
+        mix = F.pad(runs[:, :-1], (0, 0, 1, 0)).masked_fill_(~earlier, -math.inf).exp()
+        last = runs[:, -1:].exp()  # [batch, 1, N]: exp(Σ_{m<i<N} log Γ_i)
+        e_before = F.pad(chunk_log_decay.cumsum(-1), (1, 0))  # Σ_{i<n} log Γ_i, n = 0..N
+        start_decay, final_decay = e_before[:, :-1].exp(), e_before[:, -1].exp()
+    starts = mix @ writes  # [batch, N, Dk·Dv]
+    final = (last @ writes).reshape(batch, Dk, Dv)
+    if state is not None:
+        flat = state.reshape(batch, 1, Dk * Dv)
+        starts = starts + (flat if start_decay is None else start_decay.unsqueeze(-1) * flat)
+        final = final + (state if final_decay is None else final_decay[:, None, None] * state)
+    return starts.reshape(batch * N, Dk, Dv), final
+
+
+def _delta_scan(
+    k_to_end: Tensor,
+    u: Tensor,
+    w: Tensor,
+    chunk_log_decay: Tensor | None,
+    state: Tensor | None,
+    batch: int,
+    N: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Chunk-start states, effective writes ``U_n − W_n S_n`` and final state of the l2 recurrence.
+
+    ``[batch·N, ·, ·]`` inputs; a loop over the ``N`` chunks in :class:`_DeltaScan`.
+    """
+    Dk, Dv = k_to_end.shape[-1], u.shape[-1]
+    if state is None:
+        state = u.new_zeros(batch, Dk, Dv)
+    decay = None if chunk_log_decay is None else chunk_log_decay.exp()
+    split = (x.reshape(batch, N, -1, x.shape[-1]) for x in (k_to_end, u, w))
+    starts, writes, final = _DeltaScan.apply(*split, decay, state)
+    return starts.reshape(batch * N, Dk, Dv), writes.reshape(u.shape), final
+
+
+class _DeltaScan(torch.autograd.Function):
+    """The state pass of the delta rule over chunks, ``[batch, N, C, ·]`` inputs::
+
+        U'_n = U_n − W_n S_n,   S_{n+1} = Γ_n S_n + K̃_nᵀ U'_n      (S_0 = state)
+
+    returning ``S_0..S_{N−1}`` ``[batch, N, Dk, Dv]``, ``U'`` and ``S_N``. The backward walks the
+    chunks in reverse carrying only ``∂S``::
+
+        ∂U'_n = G_{U',n} + K̃_n ∂S_{n+1},   ∂S_n = Γ_n ∂S_{n+1} + G_{S,n} − W_nᵀ ∂U'_n
+
+    (two small matmuls per chunk, like the forward) and then gets ``∂U = ∂U'``,
+    ``∂W_n = −∂U'_n S_nᵀ``, ``∂K̃_n = U'_n ∂S_{n+1}ᵀ`` and ``∂Γ_n = ⟨∂S_{n+1}, S_n⟩`` for all
+    chunks in batched products. The backward uses only inputs and outputs, in differentiable ops,
+    so second derivatives go through it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, k_to_end: Tensor, u: Tensor, w: Tensor, decay: Tensor | None, state: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        starts, writes = [], []
+        for n in range(u.shape[1]):
+            starts.append(state)
+            writes.append(torch.baddbmm(u[:, n], w[:, n], state, alpha=-1.0))
+            decayed = state if decay is None else decay[:, n, None, None] * state
+            state = torch.baddbmm(decayed, k_to_end[:, n].transpose(-1, -2), writes[-1])
+        starts, writes = torch.stack(starts, dim=1), torch.stack(writes, dim=1)
+        ctx.save_for_backward(k_to_end, w, decay, starts, writes)
+        return starts, writes, state
+
+    @staticmethod
+    def backward(
+        ctx, d_starts: Tensor, d_writes: Tensor, d_state: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+        k_to_end, w, decay, starts, writes = ctx.saved_tensors
+        N = writes.shape[1]
+        d_next, d_u = [None] * N, [None] * N  # ∂S_{n+1} and ∂U'_n per chunk
+        for n in reversed(range(N)):
+            d_next[n] = d_state
+            d_u[n] = torch.baddbmm(d_writes[:, n], k_to_end[:, n], d_state)
+            carried = d_state if decay is None else decay[:, n, None, None] * d_state
+            d_state = torch.baddbmm(
+                carried + d_starts[:, n], w[:, n].transpose(-1, -2), d_u[n], alpha=-1.0
+            )
+        d_next_t, d_u_t = torch.stack(d_next, dim=1), torch.stack(d_u, dim=1)
+        d_w = _bmm(d_u_t, starts.transpose(-1, -2), alpha=-1.0)
+        d_k = _bmm(writes, d_next_t.transpose(-1, -2))
+        d_decay = None
+        if decay is not None:
+            d_decay = torch.linalg.vecdot(d_next_t.flatten(-2), starts.flatten(-2))
+        return d_k, d_u_t, d_w, d_decay, d_state
+
+
+def _bmm(a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``alpha · a @ b`` over leading dimensions ``[..., m, k] @ [..., k, n]``, the factor inside
+    the product (no extra pass over the result)."""
+    lead = a.shape[:-2]
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = a3.new_empty(a3.shape[0], a3.shape[1], b3.shape[2])
+    return torch.baddbmm(out, a3, b3, beta=0.0, alpha=alpha).reshape(*lead, *out.shape[-2:])
+
+
+class _UTTransform(torch.autograd.Function):
+    """``(A X₁, A X₂)`` with ``A = (I + tril(L, −1))⁻¹``: the UT transform of the delta rule.
+
+    With ``Y_i = A X_i``, the backward is ``∂X_i = Aᵀ G_i`` and ``∂L = −tril(Σ_i ∂X_i Y_iᵀ, −1)``
+    (from ``∂A = −Aᵀ (Σ_i G_i X_iᵀ) Aᵀ``): four batched matmuls, where autograd through
+    :func:`_unit_lower_inverse` and the two products would run six. Under ``create_graph`` the
+    backward rebuilds ``A`` differentiably from ``L``, so second derivatives are exact.
+    """
+
+    @staticmethod
+    def forward(ctx, lower: Tensor, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        a = _solve_unit_lower(lower)
+        y1, y2 = a @ x1, a @ x2
+        ctx.save_for_backward(lower, a, y1, y2)
+        return y1, y2
+
+    @staticmethod
+    def backward(ctx, g1: Tensor, g2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        lower, a, y1, y2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: A as a function of L
+            a = _unit_lower_inverse(lower)
+        a_t = a.transpose(-1, -2)
+        d1, d2 = a_t @ g1, a_t @ g2
+        # −(d1 y1ᵀ + d2 y2ᵀ), the sign inside the products
+        d_lower = torch.baddbmm(
+            _bmm(d1, y1.transpose(-1, -2), alpha=-1.0), d2, y2.transpose(-1, -2), alpha=-1.0
+        )
+        return d_lower.tril(-1), d1, d2
+
+
+def _ut_transform(lower: Tensor, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A x1, A x2)``, ``A = (I + tril(lower, −1))⁻¹``, batched ``[n, C, C]``, ``[n, C, D]``."""
+    return _UTTransform.apply(lower, x1, x2)
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """``(I + tril(L, −1))⁻¹`` by one triangular solve; ``L``'s diagonal and upper part unread.
+
+    The backward is ``−Aᵀ G Aᵀ`` on the strictly lower part: two batched matmuls, where
+    autograd through ``solve_triangular`` would run a transposed triangular solve, about twice
+    as slow on CPU for these many small matrices.
+    """
+
+    @staticmethod
+    def forward(ctx, lower: Tensor) -> Tensor:
+        inverse = _solve_unit_lower(lower)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (inverse,) = ctx.saved_tensors
+        return -(inverse.transpose(-1, -2) @ grad @ inverse.transpose(-1, -2)).tril(-1)
+
+
+def _solve_unit_lower(lower: Tensor) -> Tensor:
+    """``(I + tril(lower, −1))⁻¹`` by one triangular solve (no graph)."""
+    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(
+        lower, eye.expand_as(lower), upper=False, unitriangular=True
+    )
+
+
+def _unit_lower_inverse(lower: Tensor) -> Tensor:
+    """``(I + tril(lower, −1))⁻¹`` for ``[..., C, C]``, differentiable to any order."""
+    return _UnitLowerInverse.apply(lower)
