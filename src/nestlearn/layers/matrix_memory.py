@@ -19,6 +19,7 @@ from torch import nn
 
 from nestlearn.layers.memory_heads import MambaDecay, MemoryHeads, State, gate_projection
 from nestlearn.levels import Level
+from nestlearn.memory.fla_kernels import check_kernel, matrix_memory_fla, use_fla
 from nestlearn.memory.matrix import matrix_memory
 
 
@@ -45,7 +46,9 @@ class MatrixMemoryMixer(nn.Module):
 
     Each head keeps ``S ∈ R^{dk × dv}`` (read ``o_t = scale · S_tᵀ q_t`` after writing token t).
     Training uses the chunkwise-parallel form, decoding the one-token recurrent step; ``mode=
-    "reference"`` runs the sequential loop (for checks, not for speed).
+    "reference"`` runs the sequential loop (for checks, not for speed). ``kernel`` = ``"fla"`` or
+    ``"auto"`` runs the chunk form with flash-linear-attention's CUDA kernels
+    (:mod:`nestlearn.memory.fla_kernels`).
     """
 
     def __init__(
@@ -59,8 +62,10 @@ class MatrixMemoryMixer(nn.Module):
         chunk_size: int = 64,
         mode: str = "chunk",
         eps: float = 1e-6,
+        kernel: str = "torch",
     ) -> None:
         super().__init__()
+        check_kernel(kernel)
         if variant not in VARIANTS:
             raise ValueError(f"unknown matrix memory '{variant}'; choose one of {list(VARIANTS)}")
         if mode not in MODES:
@@ -68,7 +73,7 @@ class MatrixMemoryMixer(nn.Module):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.variant_name, self.variant = variant, VARIANTS[variant]
-        self.chunk_size, self.mode = chunk_size, mode
+        self.chunk_size, self.mode, self.kernel = chunk_size, mode, kernel
         self.heads = MemoryHeads(d_model, n_heads, head_dim, head_dim, conv_size, eps)
         self.scale = head_dim**-0.5
         self.decay = MambaDecay(d_model, n_heads) if self.variant.decay else None
@@ -98,21 +103,26 @@ class MatrixMemoryMixer(nn.Module):
         beta = (
             torch.sigmoid(self.beta_proj(x)).transpose(1, 2) if self.beta_proj is not None else None
         )
-        # matrix_memory picks the form: chunkwise (or the reference loop) for sequences, the
-        # recurrent step for a single decoded token.
-        o, memory = matrix_memory(
-            q,
-            k,
-            v,
+        memory_args = dict(
             log_alpha=log_alpha,
             beta=beta,
             objective=self.variant.objective,
             scale=1.0,
             initial_state=None if state is None else state["memory"],
             output_final_state=state is not None,
-            mode=self.mode,
-            chunk_size=self.chunk_size,
         )
+        if (
+            self.mode == "chunk"
+            and q.shape[2] > 1
+            and use_fla(self.kernel, q, objective=self.variant.objective, beta=beta)
+        ):
+            o, memory = matrix_memory_fla(q, k, v, **memory_args)
+        else:
+            # matrix_memory picks the form: chunkwise (or the reference loop) for sequences, the
+            # recurrent step for a single decoded token.
+            o, memory = matrix_memory(
+                q, k, v, mode=self.mode, chunk_size=self.chunk_size, **memory_args
+            )
         y = self.heads.output(o, x)
         if state is None:
             return y, None

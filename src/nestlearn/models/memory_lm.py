@@ -20,6 +20,7 @@ from nestlearn.errors import ConfigError, NonFiniteMemoryError
 from nestlearn.layers import RMSNorm, SwiGLU
 from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
 from nestlearn.layers.neural_memory import NeuralMemoryMixer
+from nestlearn.memory.fla_kernels import check_kernel
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.common import block_state, check_tokens, init_decoder_weights
 from nestlearn.models.registry import register_model
@@ -37,6 +38,9 @@ class MemoryLMConfig(ModelConfig):
     chunk_size: int = 64  # tokens per chunk of the chunkwise-parallel form
     mode: str = "chunk"  # "chunk" (training form) or "reference" (sequential loop, for checks)
     check_finite: bool = False  # raise naming the first layer/token whose memory went non-finite
+    # Matrix memories' chunk form: "torch" (ours), "fla" (flash-linear-attention CUDA kernels,
+    # optional extra) or "auto" (fla on CUDA when installed, else ours). docs/scale.md.
+    kernel: str = "torch"
 
 
 @dataclass(kw_only=True)
@@ -215,6 +219,10 @@ def _validate(cfg: MemoryLMConfig) -> None:
         raise ConfigError("model.conv_size and model.head_dim must be >= 0 (0 = off / default)")
     if cfg.mode not in ("chunk", "reference"):
         raise ConfigError(f"model.mode={cfg.mode!r}; choose one of chunk, reference")
+    try:
+        check_kernel(cfg.kernel)
+    except ValueError as exc:
+        raise ConfigError(f"model.{exc}") from exc
 
 
 class MatrixMemoryLM(MemoryLM):
@@ -230,6 +238,7 @@ class MatrixMemoryLM(MemoryLM):
             chunk_size=config.chunk_size,
             mode=config.mode,
             eps=config.norm_eps,
+            kernel=config.kernel,
         )
 
 
