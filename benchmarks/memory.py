@@ -1,6 +1,7 @@
 """Chunkwise vs sequential memory layers, and Titans' memory against titans-pytorch.
 
-    nestlearn bench memory [--json FILE] [--seq-len 2048] [--repeats 2]
+    nestlearn bench memory [--json FILE] [--seq-len 2048] [--repeats 3] [--threads N]
+                           [--layers titans_lmm,...]
 
 Part 1 (issue: chunkwise >= 20x sequential): for every memory layer, forward + backward tokens/s
 of the chunkwise and sequential (reference) forms, measured side by side in this run, at B=2,
@@ -51,10 +52,10 @@ def time_fwd_bwd(steps: dict[str, Callable[[], torch.Tensor]], repeats: int) -> 
     return best
 
 
-def chunk_vs_sequential(seq_len: int, repeats: int) -> list[dict]:
+def chunk_vs_sequential(seq_len: int, repeats: int, layers: list[str] = LAYERS) -> list[dict]:
     B, d, heads, chunk = 2, 256, 4, 64
     rows = []
-    for name in LAYERS:
+    for name in layers:
         torch.manual_seed(0)
         chunked = build_layer(name, "chunk", d, heads, chunk)
         sequential = build_layer(name, "reference", d, heads, chunk)
@@ -117,12 +118,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--layers", default=",".join(LAYERS), help=f"comma-separated subset of {LAYERS}"
+    )
     args = parser.parse_args(argv)
+    layers = [name for name in args.layers.split(",") if name]
+    unknown = sorted(set(layers) - set(LAYERS))
+    if unknown:
+        parser.error(f"--layers: unknown {unknown}; choose from {LAYERS}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: expected an int >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     result = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "chunk_vs_sequential": chunk_vs_sequential(args.seq_len, args.repeats),
+        "chunk_vs_sequential": chunk_vs_sequential(args.seq_len, args.repeats, layers),
         "titans": against_titans_pytorch(args.repeats),
     }
     rows = [

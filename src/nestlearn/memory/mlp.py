@@ -17,7 +17,9 @@ share one signature and agree to float error, outputs, final states and gradient
 :func:`mlp_memory_reference` (a loop over tokens), :func:`mlp_memory_chunk` (the training form,
 derived in this folder's README, "MLP memories") and :func:`mlp_memory_step` (one token, for
 decoding). All are differentiable end to end, into ``q, k, v``, the gates, the initial weights and
-the initial state (meta-learning of the inner level).
+the initial state (meta-learning of the inner level); the chunk form is one autograd node with a
+hand-written backward (:mod:`nestlearn.memory.mlp_chunked`; README, "Backward"), exact but not
+twice differentiable.
 
 Shapes: ``q, k [B, H, T, Dk]``, ``v [B, H, T, Dv]``, gates ``eta, mu, alpha [B, H, T]`` (or Python
 floats), ``weights`` a list of ``depth`` tensors ``[H, out, in]`` shared across the batch, or
@@ -45,12 +47,19 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.errors import ConfigError
+from nestlearn.memory.mlp_chunked import MLPChunks, chunk_forward
+from nestlearn.memory.mlp_segment import mlp_forward as _forward
+from nestlearn.memory.mlp_segment import segment_forward
+from nestlearn.memory.mlp_segment import surprise as _surprise
 from nestlearn.memory.rules import Objective, get_objective, linear_gradient, momentum, retain
-from nestlearn.memory.segments import segment_products
 
 State = dict[str, torch.Tensor]
 Gate = torch.Tensor | float
 Weights = list[torch.Tensor]
+
+# False: the chunk form segment by segment under autograd (:func:`_chunk_loop`), the formulation
+# the hand-written backward of :mod:`nestlearn.memory.mlp_chunked` is tested against.
+_HAND_WRITTEN_BACKWARD = True
 
 
 def _silu_grad(x: torch.Tensor) -> torch.Tensor:
@@ -181,26 +190,59 @@ def mlp_memory_chunk(
     w, s, wc, pos = _unpack(state, len(weights))
     B, H, T = q.shape[:3]
     q, k, v = (x.flatten(0, 1) for x in (q, k, v))  # [B·H, T, D]
+    eta, mu, alpha = (None if g is None else g.flatten(0, 1) for g in (eta, mu, alpha))
     # The first segment only completes the chunk a given state is in the middle of.
     first = min(chunk_size - pos, T)
     sizes = [first] + [chunk_size] * ((T - first) // chunk_size)
     if (T - first) % chunk_size:
         sizes.append((T - first) % chunk_size)
+    if not _HAND_WRITTEN_BACKWARD:
+        o, w, s, wc, pos = _chunk_loop(q, k, v, w, s, wc, pos, eta, mu, alpha, sizes, opts)
+        return o.unflatten(0, (B, H)), _pack(w, s, wc, pos, H) if output_final_state else None
+    end = (pos + T) % chunk_size
+    with_last = len(sizes) > 1 and end != 0
+    tensors = [q, k, v, eta, mu, alpha, *w, *s, *wc]
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+        o, *ends = MLPChunks.apply(opts, tuple(sizes), with_last, *tensors)
+        depth = len(w)
+        w_end, s_end, w_last = ends[:depth], ends[depth : 2 * depth], ends[2 * depth :]
+    else:
+        o, w_end, s_end, w_last, _ = chunk_forward(opts, sizes, q, k, v, eta, mu, alpha, w, s, wc)
+    # The chunk-start weights after the call: the last boundary crossed, or the given ones.
+    wc_end = w_end if end == 0 else (w_last if len(sizes) > 1 else wc)
+    o = o.unflatten(0, (B, H))
+    return o, _pack(w_end, s_end, wc_end, end, H) if output_final_state else None
+
+
+def _chunk_loop(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: Weights,
+    s: Weights,
+    wc: Weights,
+    pos: int,
+    eta: torch.Tensor,
+    mu: torch.Tensor | None,
+    alpha: torch.Tensor | None,
+    sizes: list[int],
+    opts: _Options,
+) -> tuple[torch.Tensor, Weights, Weights, Weights, int]:
+    """The chunk form segment by segment, each differentiated by autograd
+    (:func:`_segment_autograd`): the formulation the hand-written backward is tested against."""
     # split, not slicing: the backward of each slice would fill a zero tensor of the full length.
-    pieces = [x.split(sizes, dim=1) for x in (q, k, v)]
-    pieces += [
-        [None] * len(sizes) if g is None else g.flatten(0, 1).split(sizes, dim=1)
-        for g in (eta, mu, alpha)
+    pieces = [
+        [None] * len(sizes) if x is None else x.split(sizes, dim=1)
+        for x in (q, k, v, eta, mu, alpha)
     ]
     outputs = []
     for size, q_, k_, v_, eta_, mu_, alpha_ in zip(sizes, *pieces, strict=True):
-        o, w, s = _segment(q_, k_, v_, w, s, wc, eta_, mu_, alpha_, opts)
+        o, w, s = _segment_autograd(q_, k_, v_, w, s, wc, eta_, mu_, alpha_, opts)
         outputs.append(o)
         pos += size
-        if pos == chunk_size:
+        if pos == opts.chunk_size:
             wc, pos = w, 0
-    o = torch.cat(outputs, dim=1).unflatten(0, (B, H))
-    return o, _pack(w, s, wc, pos, H) if output_final_state else None
+    return torch.cat(outputs, dim=1), w, s, wc, pos
 
 
 def mlp_memory_step(
@@ -295,7 +337,7 @@ def _token(
     return o, new_w, new_s, wc, pos
 
 
-def _segment(
+def _segment_autograd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -308,7 +350,8 @@ def _segment(
     opts: _Options,
 ) -> tuple[torch.Tensor, Weights, Weights]:
     """``n`` tokens that take their gradients at ``wc``, written from weights ``w`` and momentum
-    ``s``: ``o [N, n, Dv]`` and the weights and momentum ``[N, out, in]`` after the last of them.
+    ``s``: ``o [N, n, Dv]`` and the weights and momentum ``[N, out, in]`` after the last of them,
+    differentiated by autograd op by op (the reference for the hand-written backward).
 
     ``N`` = batch × heads; ``q, k [N, n, Dk]``, ``v [N, n, Dv]``, gates ``[N, n]``. With
     ``A[t, s] = Π_{r=s+1..t} α_r`` and ``M[t, s] = Π_{r=s+1..t} μ_r`` (README):
@@ -318,72 +361,7 @@ def _segment(
     if opts.detach_inner:
         wc, k, v = [x.detach() for x in wc], k.detach(), v.detach()
     deltas, inputs = _surprise(wc, k, v, opts)
-    gates = [torch.ones_like(eta) if alpha is None else alpha, *([] if mu is None else [mu])]
-    products = segment_products(torch.stack(gates))  # [1 or 2, N, n+1, n+1]
-    decay, coupling = products[0, :, 1:, 0], products[0, :, 1:, 1:]  # G [N, n], A [N, n, n]
-    carry = None
-    if mu is not None:
-        persistence = products[1]  # M [N, n+1, n+1]
-        mixed = torch.bmm(coupling, persistence[:, 1:])  # [N, n, n+1]: column 0 is c, the rest D
-        carry, coupling = mixed[..., 0], mixed[..., 1:]
-    # −D[t, s] η_s, negated once here so that every write below is a plain baddbmm.
-    write = -coupling * eta.unsqueeze(-2)  # [N, n, n]
-
-    # Dual form, map by map: W_t x_t without materializing W_t.
-    x = q
-    for i, (W, S, delta, u) in enumerate(zip(w, s, deltas, inputs, strict=True)):
-        y = torch.bmm(decay.unsqueeze(-1) * x, W.mT)  # [N, n, out]
-        if carry is not None:
-            y = torch.baddbmm(y, carry.unsqueeze(-1) * x, S.mT)
-        y = torch.baddbmm(y, write * torch.bmm(x, u.mT), delta)
-        x = opts.sigma(y) if i < len(w) - 1 else y
-    o = x + q if opts.residual else x
-
-    # The same formulas at t = n, materialized once per segment: Δᵀ (coeff ⊙ U) [N, out, in].
-    new_w, new_s = [], []
-    for W, S, delta, u in zip(w, s, deltas, inputs, strict=True):
-        kept = decay[:, -1, None, None] * W
-        if mu is None:
-            new_w.append(torch.baddbmm(kept, delta.mT, write[:, -1, :, None] * u))
-            new_s.append(-linear_gradient(eta[:, -1, None] * delta[:, -1], u[:, -1]))
-        else:
-            kept = kept + carry[:, -1, None, None] * S
-            new_w.append(torch.baddbmm(kept, delta.mT, write[:, -1, :, None] * u))
-            last = -persistence[:, -1, 1:] * eta  # −M[n, s] η_s, [N, n]
-            S_kept = persistence[:, -1, 0, None, None] * S
-            new_s.append(torch.baddbmm(S_kept, delta.mT, last.unsqueeze(-1) * u))
-    return o, new_w, new_s
-
-
-def _forward(
-    weights: Weights, x: torch.Tensor, opts: _Options
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """``M_W(x)`` for ``x [N, n, Dk]`` and weights ``[N, out, in]``: the output ``[N, n, Dv]``,
-    each map's input and each hidden pre-activation (for the backward)."""
-    inputs, pre = [], []
-    h = x
-    for i, W in enumerate(weights):
-        inputs.append(h)
-        h = torch.bmm(h, W.mT)  # [N, n, out]
-        if i < len(weights) - 1:
-            pre.append(h)
-            h = opts.sigma(h)
-    return (h + x if opts.residual else h), inputs, pre
-
-
-def _surprise(
-    weights: Weights, k: torch.Tensor, v: torch.Tensor, opts: _Options
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per map i, ``δ_i [N, n, out]`` and ``u_i [N, n, in]`` with
-    ``∇_{W_i} L̃(M_W(k_t); v_t) = δ_{i,t} u_{i,t}ᵀ``: manual backprop, never per-token matrices."""
-    pred, inputs, pre = _forward(weights, k, opts)
-    delta = opts.objective.error(pred, v)
-    # The residual adds k, which does not depend on W: it changes the error, not the backward.
-    deltas = [delta]
-    for W, z in zip(reversed(weights[1:]), reversed(pre), strict=True):
-        delta = torch.bmm(delta, W) * opts.sigma_grad(z)
-        deltas.append(delta)
-    return deltas[::-1], inputs
+    return segment_forward(q, w, s, deltas, inputs, eta, mu, alpha, opts)
 
 
 def _at(gate: torch.Tensor | None, index: int | slice) -> torch.Tensor | None:
