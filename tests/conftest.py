@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from nestlearn.config import load_config
 
@@ -14,6 +15,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "nestlearn-cache"
     monkeypatch.setenv("NESTLEARN_CACHE", str(cache))
     monkeypatch.delenv("NESTLEARN_FAULT", raising=False)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny tensors: thread hand-offs only add overhead and
+    stall on a busy machine); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -25,12 +25,8 @@ VOCAB = 300  # > 257, so nestlearn's byte tokenizer fits for the run-folder test
 T = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

@@ -14,14 +14,8 @@ from nestlearn.layers.self_modifying import SelfModifyingTitansMixer
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Matrices of a few rows: BLAS threads only add synchronization, which stalls for
-    # milliseconds per call on a busy machine. Restored after each test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(d_model=12, n_heads=2, head_dim=5, chunk_size=4, other_chunk_size=3)

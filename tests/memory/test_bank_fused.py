@@ -21,12 +21,8 @@ from nestlearn.memory import bank, bank_fused, dgd_mlp
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(seed: int, *, N: int = 2, n: int = 3, D: int = 4, h: int = 3, given: bool = False):

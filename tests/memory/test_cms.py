@@ -28,13 +28,8 @@ from nestlearn.memory.rules import dgd_projection
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and stall on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Block kinds: (gated, biases, activation). Llama's SwiGLU is the first, GPT-2's MLP the last.

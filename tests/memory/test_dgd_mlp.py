@@ -29,14 +29,8 @@ from nestlearn.memory.rules import get_objective
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Matrices of a few rows: BLAS threads only add synchronization, which stalls for
-    # milliseconds per call on a busy machine. Restored after each test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

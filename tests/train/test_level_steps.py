@@ -16,14 +16,8 @@ from nestlearn.train import Trainer
 from nestlearn.train.level_steps import LevelSteps
 from nestlearn.train.metrics import read_metrics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and stall on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: intra-op threads only add overhead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy() -> nn.Module:
