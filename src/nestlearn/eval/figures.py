@@ -126,7 +126,10 @@ def plot_heatmaps(
         ax.set_title(panel, fontsize=10)
     axes[0][0].set_ylabel(ylabel)
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), fraction=0.05, label="accuracy")
+        from matplotlib.ticker import PercentFormatter
+
+        bar = fig.colorbar(image, ax=axes[0].tolist(), fraction=0.05, label="accuracy")
+        bar.ax.yaxis.set_major_formatter(PercentFormatter(1.0))  # in %, like the cell labels
     if title:
         fig.suptitle(title, fontsize=11)
     _save(fig, path)
