@@ -116,3 +116,21 @@ def test_bad_selections_are_named(argv, fragment, capsys):
 def test_helper_files_are_not_listed_as_benchmarks():
     names = available()
     assert "train_throughput" in names and not any(n.startswith("_") for n in names)
+
+
+@pytest.mark.parametrize("name", ["hope_attention", "hope"])
+def test_hope_flops_formula_agrees_with_the_flop_counter(name):
+    # The teach signal and CMS error terms are counted only for the tokens whose update is read
+    # later in the window (layers.cms.updating_fraction), as the chunk form computes them.
+    worker = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "_train_worker.py"))
+    overrides = [f"model.name={name}", "model.vocab_size=512", "model.cms_chunk_sizes=[16,4]"]
+    cfg = load_config("debug", overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    B, T = 2, 48
+    tokens = torch.randint(0, 512, (B, T + 1))
+    with worker["flop_counter"]() as counter:
+        logits, _ = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    counted = counter.get_total_flops() / (B * T)
+    assert counted == pytest.approx(model.flops_per_token(T), rel=0.1)

@@ -327,7 +327,9 @@ class ContinuumMemory(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token: the read (``6·d·h`` per level) and, for a level that updates
         within ``seq_len`` tokens, its error term (forward of the key shared with the read,
-        backward ``8·d·h``, DGD projections ``12·d·h``) and its update amortized over the chunk.
+        backward ``8·d·h``, DGD projections ``12·d·h``; only for the tokens of chunks whose update
+        is read later in the window, :func:`updating_fraction`) and its update amortized over the
+        chunk.
         The teach signal's head is counted by the model. An ungated block has two maps of the
         SwiGLU's three: every term scales by 2/3."""
         dh = self.d_model * self.hidden * (1.0 if MLPS[self.mlp][1] else 2.0 / 3.0)
@@ -335,8 +337,16 @@ class ContinuumMemory(nn.Module):
         for chunk in self.chunk_sizes:
             total += 6 * dh
             if chunk < seq_len:
-                total += 8 * dh + (12 * dh if self.optimizer == "dgd" else 0) + 6 * dh / chunk
+                error = 8 * dh + (12 * dh if self.optimizer == "dgd" else 0)
+                total += error * updating_fraction(chunk, seq_len) + 6 * dh / chunk
         return total
+
+
+def updating_fraction(chunk_size: int, seq_len: int) -> float:
+    """Share of a ``seq_len`` window (from position 0, no state kept) whose error terms a level
+    of chunk ``C`` computes: the tokens of the chunks that complete before the window ends,
+    ``C·⌊(T − 1)/C⌋ / T`` (the last chunk's update would be read by no token)."""
+    return chunk_size * ((seq_len - 1) // chunk_size) / seq_len
 
 
 def check_cms_options(

@@ -30,6 +30,7 @@ from nestlearn.layers.cms import (
     Teacher,
     check_block_options,
     check_cms_options,
+    updating_fraction,
 )
 from nestlearn.layers.norm import make_norm
 from nestlearn.models.base import LanguageModel, State
@@ -237,7 +238,8 @@ class HopeLM(LanguageModel):
     def flops_per_token(self, seq_len: int) -> float:
         """``6·N`` for the linear maps (head included), 3x each mixer's and CMS's forward FLOPs,
         and with ``teach`` a forward and a hand-written backward of the head (``4·V·d``) per
-        updating level and block (not differentiated: stop-gradient)."""
+        block and level, for the tokens whose error an update uses (not differentiated:
+        stop-gradient)."""
         cfg = self.config
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         inner = sum(
@@ -246,7 +248,7 @@ class HopeLM(LanguageModel):
         )
         teach = 0.0
         if cfg.cms_objective == "teach":
-            updating = sum(c < seq_len for c in cfg.cms_chunk_sizes)
+            updating = sum(updating_fraction(c, seq_len) for c in cfg.cms_chunk_sizes)
             teach = cfg.n_layers * updating * 4.0 * cfg.vocab_size * cfg.d_model
         return 6.0 * n_matmul + 3.0 * inner + teach
 
