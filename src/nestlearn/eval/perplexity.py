@@ -42,26 +42,44 @@ def evaluate_lm(
     token_bytes: np.ndarray,
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    *,
+    rows: Callable[[int], slice] | None = None,
+    reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> dict[str, float]:
-    """Score ``(x, y)`` batches with the model (eval mode restored afterwards)."""
+    """Score ``(x, y)`` batches with the model (eval mode restored afterwards).
+
+    Data parallel (``nestlearn.train.distributed``): ``rows(n)`` is this process's share of a
+    batch of ``n`` rows and ``reduce`` sums ``[nll, tokens, bytes]`` over processes, so every
+    process returns the single-process metrics. Every process calls the model once per batch
+    (FSDP's collectives need that): one whose share of a short batch is empty scores one row and
+    discards it.
+    """
     was_training = model.training
     model.eval()
     byte_table = torch.as_tensor(token_bytes, dtype=torch.int64)
-    nll_sum, n_tokens, n_bytes = 0.0, 0, 0
+    sums = [0.0, 0, 0]  # nll, tokens, bytes
     try:
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
+            keep = True
+            if rows is not None:
+                share = rows(x.size(0))
+                keep = share.stop > share.start
+                x, y = (x[share], y[share]) if keep else (x[:1], y[:1])
             with autocast():
-                logits, _ = model(x)
+                logits, _ = model(x.to(device))
             nll = F.cross_entropy(
-                upcast(logits).reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+                upcast(logits).reshape(-1, logits.size(-1)),
+                y.to(device).reshape(-1),
+                reduction="sum",
             )
-            nll_sum += float(nll)
-            n_tokens += y.numel()
-            n_bytes += int(byte_table[y.cpu()].sum())
+            if keep:
+                sums[0] += float(nll)
+                sums[1] += y.numel()
+                sums[2] += int(byte_table[y.cpu()].sum())
     finally:
         model.train(was_training)
-    return metrics_from_sums(nll_sum, n_tokens, n_bytes)
+    nll_sum, n_tokens, n_bytes = sums if reduce is None else reduce(sums)
+    return metrics_from_sums(nll_sum, int(n_tokens), int(n_bytes))
 
 
 def unigram_metrics(

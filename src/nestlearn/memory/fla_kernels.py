@@ -20,6 +20,7 @@ install with ``pip install 'nestlearn[fla]'``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 
@@ -31,8 +32,10 @@ FLA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INSTALL = "pip install 'nestlearn[fla]'  (or: pip install flash-linear-attention)"
 
 
+@functools.cache
 def fla_installed() -> bool:
-    """Whether ``fla`` can be imported (checked without importing it)."""
+    """Whether ``fla`` can be imported (checked once, without importing it: ``auto`` asks on
+    every forward)."""
     return importlib.util.find_spec("fla") is not None
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from nestlearn.config.schema import TrainConfig
@@ -224,60 +223,18 @@ def gradient_sync(module: nn.Module, env: DistEnv, enabled: bool) -> Iterator[No
 
 
 def clip_gradients(params: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Clip the global gradient norm of (possibly DTensor) gradients; return it before clipping.
+    """Clip the global gradient norm (``torch.nn.utils.clip_grad_norm_``'s numbers) of plain or
+    FSDP-sharded (DTensor) gradients; return the norm before clipping.
 
     The norm of sharded gradients is reduced over ranks (``full_tensor``), so it is the norm of
-    the whole gradient, the single-process value.
+    the whole gradient, the single-process value. The trainer's one clipping path, every mode.
     """
-    from torch.distributed.tensor import DTensor
-
     params = [p for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    if dist.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
-
-
-@torch.no_grad()
-def evaluate_sharded(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    token_bytes,
-    env: DistEnv,
-    runtime: Runtime,
-) -> dict[str, float]:
-    """:func:`nestlearn.eval.perplexity.evaluate_lm` with each batch's rows split over ranks.
-
-    Every rank calls the model once per batch (FSDP's collectives need that); a rank whose
-    share of a short batch is empty scores one row and discards it. The sums of negative
-    log-likelihood, tokens and bytes are all-reduced, so the metrics are the single-process ones.
-    """
-    from nestlearn.eval.perplexity import metrics_from_sums, upcast
-
-    was_training = model.training
-    model.eval()
-    byte_table = torch.as_tensor(token_bytes, dtype=torch.int64)
-    sums = [0.0, 0.0, 0.0]
-    try:
-        for x, y in batches:
-            rows = env.rows(x.size(0))
-            keep = rows.stop > rows.start
-            if not keep:
-                rows = slice(0, 1)
-            x, y = x[rows].to(runtime.device), y[rows]
-            with runtime.autocast():
-                logits, _ = model(x)
-            nll = F.cross_entropy(
-                upcast(logits).reshape(-1, logits.size(-1)),
-                y.to(runtime.device).reshape(-1),
-                reduction="sum",
-            )
-            if keep:
-                sums[0] += float(nll)
-                sums[1] += y.numel()
-                sums[2] += int(byte_table[y].sum())
-    finally:
-        model.train(was_training)
-    nll_sum, n_tokens, n_bytes = env.all_reduce(sums)
-    return metrics_from_sums(nll_sum, int(n_tokens), int(n_bytes))

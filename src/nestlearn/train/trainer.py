@@ -50,7 +50,6 @@ from nestlearn.train.distributed import (
     DistEnv,
     check_optimizer,
     clip_gradients,
-    evaluate_sharded,
     gradient_sync,
     setup_parallel,
     wrap_model,
@@ -346,10 +345,7 @@ class Trainer:
                 (loss / tc.grad_accum).backward()
             total += value / tc.grad_accum
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        if self.dist.mode == "fsdp":
-            grad_norm = clip_gradients(self.model.parameters(), clip)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = clip_gradients(self.model.parameters(), clip)
         if not math.isfinite(grad_norm):
             raise self._non_finite("the gradient norm", grad_norm)
         if self.level_steps is not None:
@@ -370,20 +366,18 @@ class Trainer:
         )
 
     def evaluate(self) -> dict[str, float]:
-        if self.dist.enabled:
-            return evaluate_sharded(
-                self.model,
-                self.eval_windows(self.corpus.val),
-                self.token_bytes,
-                self.dist,
-                self.runtime,
-            )
+        """Validation metrics; under data parallelism each rank scores its rows of every batch
+        and the sums are reduced, so every rank gets the single-process numbers."""
+        sharded = (
+            dict(rows=self.dist.rows, reduce=self.dist.all_reduce) if self.dist.enabled else {}
+        )
         return evaluate_lm(
             self.model,
             self.eval_windows(self.corpus.val),
             self.token_bytes,
             device=self.runtime.device,
             autocast=self.runtime.autocast,
+            **sharded,
         )
 
     def unigram_baseline(self) -> dict[str, float]:
