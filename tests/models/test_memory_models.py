@@ -98,3 +98,15 @@ def test_recurrent_models_stream_past_max_seq_len():
         _, state = model(torch.randint(0, 37, (1, 8)), state)
         logits, state = model(torch.randint(0, 37, (1, 5)), state)
     assert logits.shape == (1, 5, 37) and int(state["pos"]) == 13
+
+
+def test_titans_step_options_reach_the_layer_and_bad_values_are_named():
+    """``model.memory_step_scale`` / ``memory_ema_momentum`` (docs/titans-stability.md)."""
+    from nestlearn.errors import ConfigError
+
+    mixer = small("titans_lmm", memory_step_scale="token", memory_ema_momentum=False)
+    mixer = mixer.blocks[0].mixer
+    assert (mixer.step_scale, mixer.ema_momentum) == ("token", False)
+    assert small("titans_lmm").blocks[0].mixer.step_scale == "chunk"
+    with pytest.raises(ConfigError, match=r"memory_step_scale='tokens'.*\['chunk', 'token'\]"):
+        small("titans_lmm", memory_step_scale="tokens")

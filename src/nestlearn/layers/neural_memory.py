@@ -8,9 +8,32 @@ descent with data-dependent momentum and retention (:mod:`nestlearn.memory.mlp`)
     W_t = α_t W_{t−1} + S_t
     o_t = M_{W_t}(q_t)
 
-with ``η_t = max_lr · sigmoid(x_t W_η)`` (step size), ``μ_t = sigmoid(x_t W_μ)`` (momentum) and
-``α_t = 1 − sigmoid(x_t W_f)`` (retention; Titans' forget gate is ``1 − α_t``). The initial memory
-weights are meta-parameters learned by the outer optimizer through the inner updates.
+with ``μ_t = sigmoid(x_t W_μ)`` (momentum), ``α_t = 1 − sigmoid(x_t W_f)`` (retention; Titans'
+forget gate is ``1 − α_t``) and the step
+
+    η_t = (1 − μ_t) · η̂_t,   η̂_t = max_lr · sigmoid(x_t W_η) / C       (the defaults)
+
+(biases at initialization: ``W_η`` 0, ``W_μ`` 0, ``W_f`` −4). The initial memory weights are
+meta-parameters learned by the outer optimizer through the inner updates. The gates only
+parameterize S-1's ``η_t, μ_t, α_t`` (SPEC §2.1): the op's forms agree whatever they are (§2.3).
+
+Stability on long streams (``docs/titans-stability.md``). Chunked GD takes a chunk's gradients at
+its start weights, so a chunk is one GD step on its summed loss; unbounded, that step reached
+``C · η/(1 − μ) ≈ 16`` on nearly aligned keys and the MLP memory diverged (weight norms cubed per
+chunk). Two options bound it for any gate values, chunk size and stream length:
+
+- ``step_scale="chunk"`` (default): ``η̂_t ≤ max_lr / C``. A chunk's total step (the sum over its
+  tokens of each gradient's coefficient in the chunk's last weights) is then ``≤ max_lr``, so with
+  unit keys its curvature along the keys is ``≤ max_lr``; for a linear memory without momentum
+  and ``max_lr ≤ 1`` the chunk update is non-expansive. At ``C = 1`` (S-1 per token) it changes
+  nothing; larger chunks write each token more weakly. ``"token"``: ``η̂_t ≤ max_lr`` (with
+  ``ema_momentum`` stable at ``C = 1``; for ``C > 1`` it diverges once a chunk's keys align).
+- ``ema_momentum=True`` (default): ``S_t = μ_t S_{t−1} − (1 − μ_t) η̂_t g_t``, a convex
+  combination of past steps (``‖S_t‖ ≤ max(‖S_0‖, max_s η̂_s ‖g_s‖)``, gain 1 for every ``μ_t``);
+  ``False``: ``S_t = μ_t S_{t−1} − η̂_t g_t`` (gain up to ``1/(1 − μ)``).
+
+``step_scale="token", ema_momentum=False`` is the earlier parameterization. A bound on the MLP's
+weights for every stream also needs a bounded surprise ``‖g_t‖``: an op option (see the doc).
 """
 
 from __future__ import annotations
@@ -31,6 +54,7 @@ from nestlearn.memory.mlp import (
 )
 
 MODES = ("chunk", "reference")
+STEP_SCALES = ("chunk", "token")
 
 
 class NeuralMemoryMixer(nn.Module):
@@ -52,9 +76,13 @@ class NeuralMemoryMixer(nn.Module):
         chunk_size: int = 64,
         mode: str = "chunk",
         detach_inner: bool = False,
+        step_scale: str = "chunk",
+        ema_momentum: bool = True,
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        if step_scale not in STEP_SCALES:
+            raise ValueError(f"step_scale={step_scale!r}; choose one of {STEP_SCALES}")
         if depth < 1:
             raise ValueError(f"memory depth must be >= 1, got {depth}")
         if mode not in MODES:
@@ -65,13 +93,14 @@ class NeuralMemoryMixer(nn.Module):
         self.depth, self.residual, self.objective = depth, residual, objective
         self.max_lr, self.chunk_size, self.mode = max_lr, chunk_size, mode
         self.detach_inner = detach_inner
+        self.step_scale, self.ema_momentum = step_scale, ema_momentum
         hidden = head_dim * hidden_mult
         widths = [head_dim] + [hidden] * (depth - 1) + [head_dim]
         self.memory_weights = nn.ParameterList(
             nn.Parameter(torch.empty(n_heads, d_out, d_in))
             for d_in, d_out in itertools.pairwise(widths)
         )
-        self.eta_proj = gate_projection(d_model, n_heads, -2.0)
+        self.eta_proj = gate_projection(d_model, n_heads, 0.0)
         self.mu_proj = gate_projection(d_model, n_heads, 0.0) if momentum else None
         self.forget_proj = gate_projection(d_model, n_heads, -4.0)
         self.reset_memory_parameters()
@@ -83,15 +112,22 @@ class NeuralMemoryMixer(nn.Module):
             if self.residual and i == len(self.memory_weights) - 1:
                 std *= 0.1
             nn.init.normal_(weight, std=std)
-        for proj, bias in ((self.eta_proj, -2.0), (self.mu_proj, 0.0), (self.forget_proj, -4.0)):
+        for proj, bias in ((self.eta_proj, 0.0), (self.mu_proj, 0.0), (self.forget_proj, -4.0)):
             if proj is not None:
                 nn.init.normal_(proj.weight, std=0.02)
                 nn.init.constant_(proj.bias, bias)
 
     def _gates(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Per-head, per-token ``eta, mu, alpha``, each ``[B, H, T]``."""
-        eta = self.max_lr * torch.sigmoid(self.eta_proj(x)).transpose(1, 2)
-        mu = torch.sigmoid(self.mu_proj(x)).transpose(1, 2) if self.mu_proj is not None else None
+        """Per-head, per-token ``eta, mu, alpha``, each ``[B, H, T]`` (module docstring):
+        ``η_t = [1 − μ_t] · max_lr · sigmoid(x W_η) [/ C]``."""
+        scale = self.max_lr / (self.chunk_size if self.step_scale == "chunk" else 1)
+        eta = scale * torch.sigmoid(self.eta_proj(x)).transpose(1, 2)
+        mu = None
+        if self.mu_proj is not None:
+            logit = self.mu_proj(x).transpose(1, 2)
+            mu = torch.sigmoid(logit)
+            if self.ema_momentum:
+                eta = eta * torch.sigmoid(-logit)  # 1 − μ_t, accurate as μ_t → 1
         alpha = 1.0 - torch.sigmoid(self.forget_proj(x)).transpose(1, 2)
         return {"eta": eta, "mu": mu, "alpha": alpha}
 

@@ -19,7 +19,7 @@ from nestlearn.config.schema import ModelConfig
 from nestlearn.errors import ConfigError, NonFiniteMemoryError
 from nestlearn.layers import RMSNorm, SwiGLU
 from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
-from nestlearn.layers.neural_memory import NeuralMemoryMixer
+from nestlearn.layers.neural_memory import STEP_SCALES, NeuralMemoryMixer
 from nestlearn.memory.fla_kernels import check_kernel
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.common import block_state, check_tokens, init_decoder_weights
@@ -52,7 +52,12 @@ class TitansLMMConfig(MemoryLMConfig):
     memory_residual: bool = True  # M(x) = x + MLP(x)
     memory_momentum: bool = True  # data-dependent inner momentum μ_t (False: plain GD)
     memory_objective: str = "l2"  # inner objective: "l2", "dot" or "huber"
-    memory_max_lr: float = 1.0  # inner step η_t = memory_max_lr * sigmoid(x W_η)
+    # Inner step η_t = (1 − μ_t)·memory_max_lr·sigmoid(x W_η)/C with the defaults below
+    # (layers/neural_memory.py, docs/titans-stability.md).
+    memory_max_lr: float = 1.0
+    # "chunk": a chunk's total step ≤ memory_max_lr (stable on any stream); "token": no 1/C.
+    memory_step_scale: str = "chunk"
+    memory_ema_momentum: bool = True  # S_t = μ S_{t−1} − (1 − μ) η̂ g_t (gain 1 for any μ)
     detach_inner: bool = False  # stop-gradient through the inner gradients (cheaper)
 
 
@@ -253,6 +258,11 @@ class TitansLM(MemoryLM):
     def build_mixer(self, config: TitansLMMConfig) -> nn.Module:
         if config.memory_depth < 1 or config.memory_hidden_mult < 1:
             raise ConfigError("model.memory_depth and model.memory_hidden_mult must be >= 1")
+        if config.memory_step_scale not in STEP_SCALES:
+            raise ConfigError(
+                f"model.memory_step_scale={config.memory_step_scale!r}; choose one of "
+                f"{list(STEP_SCALES)}"
+            )
         return NeuralMemoryMixer(
             config.d_model,
             config.n_heads,
@@ -263,6 +273,8 @@ class TitansLM(MemoryLM):
             momentum=config.memory_momentum,
             objective=config.memory_objective,
             max_lr=config.memory_max_lr,
+            step_scale=config.memory_step_scale,
+            ema_momentum=config.memory_ema_momentum,
             conv_size=config.conv_size,
             chunk_size=config.chunk_size,
             mode=config.mode,
