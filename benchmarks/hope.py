@@ -12,8 +12,9 @@ settings, ``dim=256``, the same chunk sizes), optional: ``pip install nested-lea
 --no-deps`` (that module imports only torch). Each entry is timed after one warm-up call, best
 of ``--repeats``, in turns (a, b, a, b, ...) so that a burst of load on a shared machine hits all
 of them alike. The issue's target: ours with gradients >= 10x theirs. ``--autograd-bank`` also
-times ours with the other memories' segments through plain autograd (``fused_bank=False``, the
-formulation before ``memory/bank_fused.py``), in the same turns.
+times ours with the other memories' segments (reads, coefficients, writes) through plain
+autograd (``fused_bank=False``, the formulation before ``memory/bank_fused.py``), in the same
+turns.
 """
 
 from __future__ import annotations

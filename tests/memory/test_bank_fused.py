@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.layers.self_modifying import SelfModifyingTitansMixer
-from nestlearn.memory import bank, bank_fused, dgd_mlp
+from nestlearn.memory import bank, bank_fused, dgd_mlp, dgd_write
 
 DT = torch.float64
 
@@ -185,3 +185,98 @@ def test_mixer_with_fused_bank_equals_autograd_bank(name):
             assert g_f[key] is None, key
         else:
             torch.testing.assert_close(g_f[key], g_a[key], msg=f"gradient of {key}")
+
+
+# ``D == h``: the writes of F and G share one set of input terms (bank_fused._places).
+SHARED = {"N": 2, "n": 3, "D": 3, "h": 3}
+
+
+@pytest.mark.parametrize("name", ["default", "no momentum", "plain GD", "given targets"])
+def test_gradcheck_shared_inputs(name):
+    kw, momentum, retention = split_case(CASES[name])
+    given = kw.get("target") == "given"
+    lay, w, s, wc, k, v, targets, gates = make_inputs(3, given=given, **SHARED)
+    inputs = [k, v, targets, *w, *s, *wc, gates["eta"], gates["mu"], gates["alpha"]]
+    inputs = [None if x is None else x.clone().requires_grad_() for x in inputs]
+    fn = segment_fn(lay, options(**kw), True, momentum, retention)
+    assert torch.autograd.gradcheck(fn, tuple(inputs), atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("shape", [{}, SHARED], ids=["D != h", "D == h"])
+def test_gradcheck_chunk_start_is_start(shape):
+    """A segment that starts a chunk reads its gradients at the start weights themselves (the
+    same tensors): both gradients are accumulated into one."""
+    lay, w, s, _, k, v, _, gates = make_inputs(4, **shape)
+    opts = options()
+
+    def fn(k, v, F0, G0, SF0, SG0, eta, mu, alpha):
+        coeffs = dgd_mlp.coefficients(eta, mu, alpha)
+        w, s = bank.segment(lay, [F0, G0], [SF0, SG0], [F0, G0], k, v, None, coeffs, opts)
+        return (*w, *s)
+
+    inputs = [k, v, *w, *s, gates["eta"], gates["mu"], gates["alpha"]]
+    inputs = [x.clone().requires_grad_() for x in inputs]
+    assert torch.autograd.gradcheck(fn, tuple(inputs), atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("retention", [True, False])
+def test_write_coefficients_equal_autograd(momentum, retention):
+    """The coefficients as one node (dgd_write.write_coefficients) against autograd through
+    dgd_mlp.coefficients: the same numbers, the same gradients, gates exactly 0 included."""
+    gen = torch.Generator().manual_seed(6)
+    N, n = 3, 5
+    eta = 0.1 + 0.4 * torch.rand(N, n, generator=gen, dtype=DT)
+    mu = torch.rand(N, n, generator=gen, dtype=DT)
+    alpha = 0.5 + 0.5 * torch.rand(N, n, generator=gen, dtype=DT)
+    mu[1, 3] = alpha[0, 2] = 0.0
+    gates = [eta, mu if momentum else None, alpha if retention else None]
+    leaves = [None if g is None else g.clone().requires_grad_() for g in gates]
+    fused = dgd_write.write_coefficients(*leaves)
+    plain = bank.write_coefficients(dgd_mlp.coefficients(*leaves))
+    weights = []
+    for a, b in zip(fused, plain, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            weights.append(torch.randn(a.shape, generator=gen, dtype=DT))
+    wrt = [x for x in leaves if x is not None]
+    losses = [
+        sum((x * r).sum() for x, r in zip([x for x in c if x is not None], weights, strict=True))
+        for c in (fused, plain)
+    ]
+    for a, b in zip(*(torch.autograd.grad(loss, wrt) for loss in losses), strict=True):
+        torch.testing.assert_close(a, b)
+
+    def fn(*gates):
+        it = iter(gates)
+        args = [next(it), next(it) if momentum else None, next(it) if retention else None]
+        return tuple(x for x in dgd_write.write_coefficients(*args) if x is not None)
+
+    assert torch.autograd.gradcheck(fn, tuple(wrt))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("shape", [{}, SHARED], ids=["D != h", "D == h"])
+def test_read_equals_autograd(activation, shape):
+    """bank_fused.read (one node) against bank.forward through autograd: outputs, gradients,
+    and gradcheck."""
+    lay, w, _, _, k, _, _, _ = make_inputs(8, **shape)
+    opts = options(activation=activation)
+    z = k + 0.5
+    leaves = [x.clone().requires_grad_() for x in (z, *w)]
+    fused = bank_fused.read(lay, leaves[1:], leaves[0], opts)
+    plain = bank.read(lay, leaves[1:], leaves[0], opts, fused=False)
+    gen = torch.Generator().manual_seed(9)
+    weights = [torch.randn(x.shape, generator=gen, dtype=DT) for x in plain]
+    losses = []
+    for outs in (fused, plain):
+        for a, b in zip(outs, plain, strict=True):
+            torch.testing.assert_close(a, b)
+        losses.append(sum((x * r).sum() for x, r in zip(outs, weights, strict=True)))
+    for a, b in zip(*(torch.autograd.grad(loss, leaves) for loss in losses), strict=True):
+        # The read never writes G's padding rows: their gradient is zero either way.
+        torch.testing.assert_close(a, b)
+    fn = lambda z, F0, G0: tuple(bank_fused.read(lay, [F0, G0], z, opts))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(leaves), atol=1e-7, rtol=1e-5)

@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory import bank_fused
-from nestlearn.memory.dgd_mlp import Coefficients, Options, end_map, write_map
+from nestlearn.memory import bank_fused, dgd_write
+from nestlearn.memory.dgd_mlp import Coefficients, Options, coefficients, end_map, write_map
 from nestlearn.memory.dgd_write import WriteCoefficients
 
 
@@ -103,6 +103,19 @@ def forward(
     return out + torch.stack(skips), hidden, pre
 
 
+def read(
+    lay: Layout, bank: Sequence[torch.Tensor], z: torch.Tensor, opts: Options, *, fused: bool = True
+) -> list[torch.Tensor]:
+    """Per memory, its output ``[N, n, out_m]`` on ``z [N, n, D]``: :func:`forward`'s numbers;
+    by default (``fused``, when :func:`nestlearn.memory.bank_fused.supported`) as one autograd
+    node, :func:`nestlearn.memory.bank_fused.read`."""
+    if fused and bank_fused.supported(opts):
+        return bank_fused.read(lay, list(bank), z, opts)
+    out = forward(lay, bank, z, opts)[0]  # [M, N, n, O]
+    # unbind, not indexing: the backward of each index would fill a zero tensor of all of out.
+    return [o[..., :width] for o, width in zip(out.unbind(0), lay.outs, strict=True)]
+
+
 def segment(
     lay: Layout,
     w: list[torch.Tensor],
@@ -123,6 +136,28 @@ def segment(
         c = write_coefficients(coeffs)
         return bank_fused.segment(lay, w, s, wc, k, v, targets, c, opts)
     return segment_autograd(lay, w, s, wc, k, v, targets, coeffs, opts)
+
+
+def segment_from_gates(
+    lay: Layout,
+    w: list[torch.Tensor],
+    s: list[torch.Tensor],
+    wc: list[torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    targets: torch.Tensor | None,
+    gates: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    opts: Options,
+    *,
+    fused: bool = True,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`segment` with the gates ``η, μ, α [N, n]`` (``μ``, ``α`` may be None) instead of
+    their coefficients; fused, the coefficients too are one autograd node
+    (:func:`nestlearn.memory.dgd_write.write_coefficients`)."""
+    if fused and bank_fused.supported(opts):
+        c = dgd_write.write_coefficients(*gates)
+        return bank_fused.segment(lay, w, s, wc, k, v, targets, c, opts)
+    return segment_autograd(lay, w, s, wc, k, v, targets, coefficients(*gates), opts)
 
 
 def write_coefficients(coeffs: Coefficients) -> WriteCoefficients:

@@ -14,6 +14,13 @@ errors ``Δ [B, n, O]`` and inputs ``U [B, n, I]`` of the surprise, ``X = U / �
 ``dL = −tril(dR Pᵀ, −1)`` (from ``dA = −Aᵀ (dP Rᵀ) Aᵀ`` and ``P = A R``), the rest products
 of the same few matrices. ``M`` memories may be stacked on the batch (``B = M·N``, memory-major)
 against coefficients of ``N`` rows: the coefficients broadcast, their gradients sum over ``M``.
+
+A write is split in two: :func:`inputs_forward` (what depends on ``U`` only: ``X``, ``X Uᵀ``,
+``X Xᵀ``, ``A``, the scaled inputs), once for every map of one input width stacked on the batch,
+and :func:`map_forward` per map (``R``, ``P``, ``W_n``, ``S_n``); backward
+:func:`map_backward` per map, then :func:`inputs_backward` once on their gathered gradients
+(:func:`concat`). :func:`write_coefficients` is the coefficients of the gates as one autograd
+node.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 EPS = 1e-12  # F.normalize's
 
@@ -41,26 +49,17 @@ class WriteCoefficients(NamedTuple):
     s_write: torch.Tensor  # −M[n, s] η_s, [N, n, 1]
 
 
-class Saved(NamedTuple):
-    """What the backward of one map needs."""
-
-    W: torch.Tensor
-    S: torch.Tensor | None
-    delta: torch.Tensor
-    u: torch.Tensor
-    x: torch.Tensor | None
-    norm: torch.Tensor | None
-    gram_xu: torch.Tensor | None  # X Uᵀ
-    gram_xx: torch.Tensor | None  # X Xᵀ
-    inverse: torch.Tensor | None  # A = (I + L)⁻¹
-    p: torch.Tensor | None
-
-
-def scale(coef: torch.Tensor, t: torch.Tensor, M: int) -> torch.Tensor:
-    """``coef ⊙ t`` with ``coef [N, ...]`` broadcast over the ``M`` memories of ``t [M·N, ...]``."""
+def scale(
+    coef: torch.Tensor, t: torch.Tensor, M: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``coef ⊙ t`` with ``coef [N, ...]`` broadcast over the ``M`` memories of ``t [M·N, ...]``
+    (into ``out`` when given)."""
     if M == 1:
-        return coef * t
-    return (t.unflatten(0, (M, -1)) * coef).flatten(0, 1)
+        return coef * t if out is None else torch.mul(t, coef, out=out)
+    if out is None:
+        return (t.unflatten(0, (M, -1)) * coef).flatten(0, 1)
+    torch.mul(t.unflatten(0, (M, -1)), coef, out=out.unflatten(0, (M, -1)))
+    return out
 
 
 def add_scaled(out: torch.Tensor, coef: torch.Tensor, t: torch.Tensor, M: int) -> torch.Tensor:
@@ -85,49 +84,107 @@ def dot(a: torch.Tensor, b: torch.Tensor, M: int) -> torch.Tensor:
     return g if M == 1 else g.unflatten(0, (M, -1)).sum(0)
 
 
-def write_forward(
+class Inputs(NamedTuple):
+    """The parts of a write that depend on its inputs ``U`` only, not on the map: the same for
+    every map of one input width, so computed once for all of them stacked on the batch
+    (``[B, ·, ·]``, ``B = M·N`` rows, memory-major). ``None`` where not used (no DGD, no
+    momentum)."""
+
+    u: torch.Tensor | None  # U [B, n, I] (None in one map's rows)
+    x: torch.Tensor | None  # X = U / ‖U‖
+    norm: torch.Tensor | None  # ‖U‖ (clamped) [B, n, 1]
+    gram_xu: torch.Tensor | None  # X Uᵀ [B, n, n]
+    gram_xx: torch.Tensor | None  # X Xᵀ
+    inverse: torch.Tensor | None  # A = (I + L)⁻¹, L = lower ⊙ X Xᵀ
+    bx: torch.Tensor | None  # diag(G_b) X
+    cx: torch.Tensor | None  # diag(c_b) X
+    wxu: torch.Tensor | None  # W_b ⊙ X Uᵀ
+    right: torch.Tensor  # [w_n ⊙ U; p_n ⊙ X] [B, 2n, I] (without DGD: w_n ⊙ U [B, n, I])
+    su: torch.Tensor  # s_n ⊙ U
+
+
+def rows(inputs: Inputs, part: slice) -> Inputs:
+    """What one map reads of the :class:`Inputs`: the batch rows ``part`` of the fields
+    :func:`map_forward` and :func:`map_backward` use (the others None)."""
+    if part == slice(0, len(inputs.u)):
+        return inputs
+    return inputs._replace(
+        u=None,
+        x=None,
+        norm=None,
+        gram_xu=None,
+        gram_xx=None,
+        **{
+            f: None if getattr(inputs, f) is None else getattr(inputs, f)[part]
+            for f in ("inverse", "bx", "cx", "wxu", "right", "su")
+        },
+    )
+
+
+def inputs_forward(u: torch.Tensor, c: WriteCoefficients, M: int, dgd: bool) -> Inputs:
+    """The :class:`Inputs` of ``U [M·N, n, I]`` (``M`` maps stacked against ``N`` rows of
+    coefficients)."""
+    su = scale(c.s_write, u, M)
+    eu = scale(c.e_write, u, M)
+    if not dgd:
+        return Inputs(u, None, None, None, None, None, None, None, None, eu, su)
+    norm = u.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    x = u / norm
+    gram_xu = torch.bmm(x, u.mT)  # [B, n, n]
+    gram_xx = torch.bmm(x, x.mT)
+    lower = scale(c.lower, gram_xx, M)
+    eye = _eye(lower.shape[-1], lower.dtype, lower.device)
+    inverse = torch.linalg.solve_triangular(
+        lower, eye.expand_as(lower), upper=False, unitriangular=True
+    )
+    return Inputs(
+        u,
+        x,
+        norm,
+        gram_xu,
+        gram_xx,
+        inverse,
+        scale(c.b_decay, x, M),
+        None if c.b_carry is None else scale(c.b_carry, x, M),
+        scale(c.b_write, gram_xu, M),
+        torch.cat([eu, scale(c.e_project, x, M)], dim=1),
+        su,
+    )
+
+
+def map_forward(
     W: torch.Tensor,
     S: torch.Tensor | None,
     delta: torch.Tensor,
-    u: torch.Tensor,
+    inputs: Inputs,
     c: WriteCoefficients,
     M: int,
-    dgd: bool,
-) -> tuple[torch.Tensor, torch.Tensor, Saved]:
-    """``W_n, S_n`` of the module docstring and what :func:`write_backward` needs.
-    ``S`` may be None without momentum (then ``c.b_carry``, ``c.e_carry``, ``c.s_decay`` are)."""
-    W_n = scale(c.e_decay, W, M)
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``W_n, S_n`` of the module docstring for one map ``W, S [M·N, O, I]`` with errors
+    ``Δ [M·N, n, O]``, and ``P`` (None without DGD); ``out``: tensors to write ``W_n, S_n``
+    into. ``S`` may be None without momentum (then ``c.b_carry``, ``c.e_carry``, ``c.s_decay``
+    are)."""
+    out_W, out_S = (None, None) if out is None else out
+    W_n = scale(c.e_decay, W, M, out_W)
     if c.e_carry is not None:
         add_scaled(W_n, c.e_carry, S, M)
-    saved = Saved(W, S, delta, u, None, None, None, None, None, None)
-    if not dgd:
-        W_n.baddbmm_(delta.mT, scale(c.e_write, u, M))
+    p = None
+    if inputs.inverse is None:
+        W_n.baddbmm_(delta.mT, inputs.right)
     else:
-        norm = u.norm(dim=-1, keepdim=True).clamp_min(EPS)
-        x = u / norm
-        rhs = torch.bmm(scale(c.b_decay, x, M), W.mT)  # [B, n, O]
-        if c.b_carry is not None:
-            rhs.baddbmm_(scale(c.b_carry, x, M), S.mT)
-        gram_xu = torch.bmm(x, u.mT)  # [B, n, n]
-        rhs.baddbmm_(scale(c.b_write, gram_xu, M), delta)
-        gram_xx = torch.bmm(x, x.mT)
-        lower = scale(c.lower, gram_xx, M)
-        eye = _eye(lower.shape[-1], lower.dtype, lower.device)
-        inverse = torch.linalg.solve_triangular(
-            lower, eye.expand_as(lower), upper=False, unitriangular=True
-        )
-        p = torch.bmm(inverse, rhs)  # [B, n, O]
+        rhs = torch.bmm(inputs.bx, W.mT)  # [B, n, O]
+        if inputs.cx is not None:
+            rhs.baddbmm_(inputs.cx, S.mT)
+        rhs.baddbmm_(inputs.wxu, delta)
+        p = torch.bmm(inputs.inverse, rhs)  # [B, n, O]
         # Both rank-n writes in one product: [Δ P]ᵀ [w_n ⊙ U; p_n ⊙ X].
-        left = torch.cat([delta, p], dim=1)
-        right = torch.cat([scale(c.e_write, u, M), scale(c.e_project, x, M)], dim=1)
-        W_n.baddbmm_(left.mT, right)
-        saved = Saved(W, S, delta, u, x, norm, gram_xu, gram_xx, inverse, p)
-    s_in = scale(c.s_write, u, M)
+        W_n.baddbmm_(torch.cat([delta, p], dim=1).mT, inputs.right)
     if c.s_decay is None:
-        S_n = torch.bmm(delta.mT, s_in)
+        S_n = torch.bmm(delta.mT, inputs.su, out=out_S)
     else:
-        S_n = scale(c.s_decay, S, M).baddbmm_(delta.mT, s_in)
-    return W_n, S_n, saved
+        S_n = scale(c.s_decay, S, M, out_S).baddbmm_(delta.mT, inputs.su)
+    return W_n, S_n, p
 
 
 _EYES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -141,103 +198,274 @@ def _eye(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _EYES[key]
 
 
-class WriteGrads(NamedTuple):
-    W: torch.Tensor
+class MapGrads(NamedTuple):
+    """Gradients from one map's backward: of its ``W_0, S_0, Δ``, of the :class:`Inputs` it
+    read (``right, su, bx, cx, wxu`` and ``L``), and of the coefficients it scaled itself."""
+
+    W: torch.Tensor | None
     S: torch.Tensor | None
-    delta: torch.Tensor
-    u: torch.Tensor
-    coefficients: WriteCoefficients  # gradients, None where the coefficient is None
+    delta: torch.Tensor | None
+    right: torch.Tensor
+    su: torch.Tensor
+    bx: torch.Tensor | None
+    cx: torch.Tensor | None
+    wxu: torch.Tensor | None
+    lower: torch.Tensor | None  # dL [B, n, n]
+    e_decay: torch.Tensor | None  # [N, 1, 1]
+    e_carry: torch.Tensor | None
+    s_decay: torch.Tensor | None
 
 
-def write_backward(
-    gW: torch.Tensor, gS: torch.Tensor, saved: Saved, c: WriteCoefficients, M: int
-) -> WriteGrads:
-    """Gradients of :func:`write_forward`'s inputs from those of ``W_n`` and ``S_n``."""
-    W, S, delta, u, x = saved.W, saved.S, saved.delta, saved.u, saved.x
-    n = u.shape[1]
-    dgd = x is not None
+def map_backward(
+    gW: torch.Tensor,
+    gS: torch.Tensor,
+    W: torch.Tensor,
+    S: torch.Tensor | None,
+    delta: torch.Tensor,
+    p: torch.Tensor | None,
+    inputs: Inputs,
+    c: WriteCoefficients,
+    M: int,
+    out: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+) -> MapGrads:
+    """Gradients of :func:`map_forward`'s inputs from those of ``W_n`` and ``S_n``; ``out``:
+    tensors to write the gradients of ``W`` and ``S`` into."""
+    out_W, out_S = (None, None) if out is None else out
     # S_n = m_n S_0 + Δᵀ (s_n ⊙ U)
-    d_s_in = torch.bmm(delta, gS)  # [B, n, I]
-    d_s_write = reduce(d_s_in * u, M, (-1,))
-    d_u = scale(c.s_write, d_s_in, M)
-    d_delta = torch.bmm(scale(c.s_write, u, M), gS.mT)
-    d_S = None
-    d_s_decay = None
+    d_su = torch.bmm(delta, gS)  # [B, n, I]
+    d_delta = torch.bmm(inputs.su, gS.mT)
+    d_S = d_s_decay = d_e_carry = None
     if c.s_decay is not None:
-        d_S = scale(c.s_decay, gS, M)
+        d_S = scale(c.s_decay, gS, M, out_S)
         d_s_decay = dot(S, gS, M)
     # W_n = G_n W_0 + c_n S_0 + [Δ P]ᵀ [w_n ⊙ U; p_n ⊙ X]
-    d_W = scale(c.e_decay, gW, M)
+    d_W = scale(c.e_decay, gW, M, out_W)
     d_e_decay = dot(W, gW, M)
-    d_e_carry = None
     if c.e_carry is not None:
-        d_S = scale(c.e_carry, gW, M) if d_S is None else add_scaled(d_S, c.e_carry, gW, M)
+        if d_S is None:
+            d_S = scale(c.e_carry, gW, M, out_S)
+        else:
+            add_scaled(d_S, c.e_carry, gW, M)
         d_e_carry = dot(S, gW, M)
-    if not dgd:
+    if inputs.inverse is None:
         d_right = torch.bmm(delta, gW)  # [B, n, I]
-        d_delta.baddbmm_(scale(c.e_write, u, M), gW.mT)
-        d_e_write = reduce(d_right * u, M, (-1,))
-        add_scaled(d_u, c.e_write, d_right, M)
-        grads = c._replace(
-            b_decay=None,
-            b_carry=None,
-            b_write=None,
-            lower=None,
-            e_decay=d_e_decay,
-            e_carry=d_e_carry,
-            e_write=d_e_write,
-            e_project=None,
-            s_decay=d_s_decay,
-            s_write=d_s_write,
+        d_delta.baddbmm_(inputs.right, gW.mT)
+        return MapGrads(
+            d_W,
+            d_S,
+            d_delta,
+            d_right,
+            d_su,
+            None,
+            None,
+            None,
+            None,
+            d_e_decay,
+            d_e_carry,
+            d_s_decay,
         )
-        return WriteGrads(d_W, d_S, d_delta, d_u, grads)
-    p, inverse = saved.p, saved.inverse
-    right = torch.cat([scale(c.e_write, u, M), scale(c.e_project, x, M)], dim=1)
+    n = delta.shape[1]
     d_right = torch.bmm(torch.cat([delta, p], dim=1), gW)  # [B, 2n, I]
-    d_left = torch.bmm(right, gW.mT)  # [B, 2n, O]
-    d_ru, d_rx = d_right[:, :n], d_right[:, n:]
-    d_e_write = reduce(d_ru * u, M, (-1,))
-    d_e_project = reduce(d_rx * x, M, (-1,))
-    add_scaled(d_u, c.e_write, d_ru, M)
-    d_x = scale(c.e_project, d_rx, M)
+    d_left = torch.bmm(inputs.right, gW.mT)  # [B, 2n, O]
     d_delta += d_left[:, :n]
     # P = A R, A = (I + L)⁻¹: dR = Aᵀ dP, dL = −tril(dR Pᵀ, −1)
-    d_rhs = torch.bmm(inverse.mT, d_left[:, n:])  # [B, n, O]
-    d_lower = -torch.bmm(d_rhs, p.mT).tril(-1)
-    d_lower_coef = reduce(d_lower * saved.gram_xx, M, ())
-    d_gram_xx = scale(c.lower, d_lower, M)
-    d_x.baddbmm_(d_gram_xx + d_gram_xx.mT, x)
+    d_rhs = torch.bmm(inputs.inverse.mT, d_left[:, n:])  # [B, n, O]
+    d_lower = torch.bmm(d_rhs, p.mT).tril_(-1).neg_()
     # R = diag(G_b) X W_0ᵀ + diag(c_b) X S_0ᵀ + (W_b ⊙ X Uᵀ) Δ
-    weighted = scale(c.b_write, saved.gram_xu, M)
-    d_delta.baddbmm_(weighted.mT, d_rhs)
-    d_weighted = torch.bmm(d_rhs, delta.mT)  # [B, n, n]
-    d_b_write = reduce(d_weighted * saved.gram_xu, M, ())
-    d_gram_xu = scale(c.b_write, d_weighted, M)
+    d_delta.baddbmm_(inputs.wxu.mT, d_rhs)
+    d_wxu = torch.bmm(d_rhs, delta.mT)  # [B, n, n]
+    d_bx = torch.bmm(d_rhs, W)  # [B, n, I]
+    d_W.baddbmm_(d_rhs.mT, inputs.bx)
+    d_cx = None
+    if inputs.cx is not None:
+        d_cx = torch.bmm(d_rhs, S)
+        d_S.baddbmm_(d_rhs.mT, inputs.cx)
+    return MapGrads(
+        d_W,
+        d_S,
+        d_delta,
+        d_right,
+        d_su,
+        d_bx,
+        d_cx,
+        d_wxu,
+        d_lower,
+        d_e_decay,
+        d_e_carry,
+        d_s_decay,
+    )
+
+
+def concat(grads: list[MapGrads]) -> MapGrads:
+    """The :class:`Inputs` gradients of maps that read consecutive rows of one :class:`Inputs`,
+    concatenated along the batch (the other fields None)."""
+    if len(grads) == 1:
+        return grads[0]
+    fields = [
+        None if parts[0] is None else torch.cat(parts)
+        for parts in zip(*(g[3:9] for g in grads), strict=True)
+    ]
+    return MapGrads(None, None, None, *fields, None, None, None)
+
+
+def inputs_backward(
+    inputs: Inputs, grads: MapGrads, c: WriteCoefficients, M: int
+) -> tuple[torch.Tensor, WriteCoefficients]:
+    """The gradient of ``U`` and of the coefficients the :class:`Inputs` scaled, from the
+    gradients of the :class:`Inputs` (:func:`concat` of the :class:`MapGrads` of the maps that
+    read them)."""
+    u, x, n = inputs.u, inputs.x, inputs.u.shape[1]
+    d_eu = grads.right[:, :n]
+    d_e_write = reduce(d_eu * u, M, (-1,))
+    d_u = scale(c.e_write, d_eu, M)
+    d_s_write = reduce(grads.su * u, M, (-1,))
+    add_scaled(d_u, c.s_write, grads.su, M)
+    if x is None:
+        return d_u, WriteCoefficients(
+            None, None, None, None, None, None, d_e_write, None, None, d_s_write
+        )
+    d_px = grads.right[:, n:]
+    d_e_project = reduce(d_px * x, M, (-1,))
+    d_x = scale(c.e_project, d_px, M)
+    d_lower_coef = reduce(grads.lower * inputs.gram_xx, M, ())
+    d_gram_xx = scale(c.lower, grads.lower, M)
+    d_x.baddbmm_(d_gram_xx + d_gram_xx.mT, x)
+    d_b_write = reduce(grads.wxu * inputs.gram_xu, M, ())
+    d_gram_xu = scale(c.b_write, grads.wxu, M)
     d_x.baddbmm_(d_gram_xu, u)
     d_u.baddbmm_(d_gram_xu.mT, x)
-    read_w = torch.bmm(d_rhs, W)  # [B, n, I]
-    d_b_decay = reduce(read_w * x, M, (-1,))
-    add_scaled(d_x, c.b_decay, read_w, M)
-    d_W.baddbmm_(d_rhs.mT, scale(c.b_decay, x, M))
+    d_b_decay = reduce(grads.bx * x, M, (-1,))
+    add_scaled(d_x, c.b_decay, grads.bx, M)
     d_b_carry = None
-    if c.b_carry is not None:
-        read_s = torch.bmm(d_rhs, S)
-        d_b_carry = reduce(read_s * x, M, (-1,))
-        add_scaled(d_x, c.b_carry, read_s, M)
-        d_S.baddbmm_(d_rhs.mT, scale(c.b_carry, x, M))
+    if grads.cx is not None:
+        d_b_carry = reduce(grads.cx * x, M, (-1,))
+        add_scaled(d_x, c.b_carry, grads.cx, M)
     # X = U / max(‖U‖, eps): the projection term only where the norm was not clamped.
-    radial = (x * d_x).sum(-1, keepdim=True) * (saved.norm > EPS)
-    d_u += (d_x - x * radial) / saved.norm
-    grads = WriteCoefficients(
+    radial = (x * d_x).sum(-1, keepdim=True) * (inputs.norm > EPS)
+    d_u += (d_x - x * radial) / inputs.norm
+    coefficients = WriteCoefficients(
         b_decay=d_b_decay,
         b_carry=d_b_carry,
         b_write=d_b_write,
         lower=d_lower_coef,
-        e_decay=d_e_decay,
-        e_carry=d_e_carry,
+        e_decay=None,
+        e_carry=None,
         e_write=d_e_write,
         e_project=d_e_project,
-        s_decay=d_s_decay,
+        s_decay=None,
         s_write=d_s_write,
     )
-    return WriteGrads(d_W, d_S, d_delta, d_u, grads)
+    return d_u, coefficients
+
+
+def write_coefficients(
+    eta: torch.Tensor, mu: torch.Tensor | None, alpha: torch.Tensor | None
+) -> WriteCoefficients:
+    """The :class:`WriteCoefficients` of gates ``[N, n]`` (``mu``, ``alpha`` None: no momentum,
+    no retention): the numbers of ``nestlearn.memory.bank.write_coefficients(
+    nestlearn.memory.dgd_mlp.coefficients(eta, mu, alpha))`` as one autograd node.
+
+    With ``A[t, j] = Π_{r=j+1..t} α_r``, ``P[t, s] = Π_{r=s+1..t} μ_r`` (``[N, n+1, n+1]``),
+    ``C = A[:, 1:] P[1:, :]`` (``c_t = C[t, 0]``, ``D[t, s] = C[t, s]``; without momentum
+    ``D = A``, no ``c``): ``G_t = A[t, 0]``, write ``−D[t, s] η_s``, lower ``A[j−1, i] η_i``,
+    project ``−A[n, j] η_j``, ``M[n, 0] = P[n, 0]``, ``s_write = −P[n, s] η_s``. Backward: the
+    product rule without division (gates may be 0), ``∂P[t, s] / ∂a_r = P[t, r] P[r−1, s]`` for
+    ``s < r ≤ t``, so ``∂L/∂a_r = (Pᵀ dP Pᵀ)[r, r−1]``.
+    """
+    flags = (mu is not None, alpha is not None)
+    gates = [g for g in (eta, mu, alpha) if g is not None]
+    return WriteCoefficients(*_WriteCoefficients.apply(flags, *gates))
+
+
+_MASKS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _segment_products(gates: torch.Tensor) -> torch.Tensor:
+    """:func:`nestlearn.memory.segments.segment_products` (the same numbers), the mask made once
+    per size: ``gates [..., n]`` -> ``[..., n+1, n+1]``."""
+    n = gates.shape[-1] + 1
+    key = (n, gates.device)
+    if key not in _MASKS:
+        idx = torch.arange(n, device=gates.device)
+        _MASKS[key] = idx[:, None] > idx[None, :]
+    rows = torch.cat([gates.new_ones(*gates.shape[:-1], 1), gates], dim=-1)
+    return torch.where(_MASKS[key], rows.unsqueeze(-1), 1.0).cumprod(dim=-2).tril_()
+
+
+def _gate_grad(P: torch.Tensor, dP: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂a_r = (Pᵀ dP Pᵀ)[r, r−1]``, ``r = 1..n``, from the rows ``1..n`` of ``dP`` (row 0
+    does not depend on the gates): ``[N, n]``."""
+    return torch.bmm(torch.bmm(P[:, 1:].mT, dP), P.mT).diagonal(offset=-1, dim1=-2, dim2=-1)
+
+
+class _WriteCoefficients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, flags, eta, *gates):
+        has_mu, has_alpha = flags
+        N, n = eta.shape
+        products = None
+        if gates:
+            products = _segment_products(torch.stack(gates) if len(gates) > 1 else gates[0][None])
+        if has_alpha:
+            A = products[-1]  # [N, n+1, n+1]
+        else:
+            A = _segment_products(torch.ones_like(eta[:1]))[0].expand(N, -1, -1)
+        e = eta.unsqueeze(-2)  # [N, 1, n]
+        project = A[..., 1:] * e  # A[t, j] η_j, [N, n+1, n]
+        P = mixed = None
+        if has_mu:
+            P = products[0]
+            mixed = torch.bmm(A[..., 1:], P[:, 1:])  # [N, n+1, n+1]: c, then D
+            write, carry = -mixed[..., 1:] * e, mixed[..., :1]
+            b_carry, e_carry, s_decay = carry[:, :n], carry[:, n:], P[:, n:, :1]
+            s_write = (-P[:, n, 1:] * eta).unsqueeze(-1)
+        else:
+            write, b_carry, e_carry, s_decay = -project, None, None, None
+            s_write = torch.cat([torch.zeros_like(eta[:, :-1]), -eta[:, -1:]], dim=-1)
+            s_write = s_write.unsqueeze(-1)
+        ctx.flags = flags
+        ctx.save_for_backward(eta, A, P, mixed)
+        return (
+            A[:, :n, :1],
+            b_carry,
+            write[:, :n],
+            project[:, :n],
+            A[:, n:, :1],
+            e_carry,
+            write[:, n:].mT,
+            -project[:, n:].mT,
+            s_decay,
+            s_write,
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        has_mu, has_alpha = ctx.flags
+        eta, A, P, mixed = ctx.saved_tensors
+        g = WriteCoefficients(*grads)
+        e = eta.unsqueeze(-2)
+        d_mu = d_alpha = None
+        if has_mu:
+            # write = −C[:, 1:] η, C = A[:, 1:] P[1:]; s_decay = P[n, 0], s_write = −P[n, 1:] η
+            d_write = torch.cat([g.b_write, g.e_write.mT], dim=1)  # [N, n+1, n]
+            d_carry = torch.cat([g.b_carry, g.e_carry], dim=1)
+            d_mixed = torch.cat([d_carry, d_write * -e], dim=-1)  # [N, n+1, n+1]
+            d_eta = (d_write * mixed[..., 1:]).sum(-2).neg_()
+            d_eta -= g.s_write[..., 0] * P[:, -1, 1:]
+            d_P = torch.bmm(A[..., 1:].mT, d_mixed)  # rows 1..n of dP
+            d_P[:, -1] += torch.cat([g.s_decay[:, 0], g.s_write[..., 0] * -eta], dim=-1)
+            d_mu = _gate_grad(P, d_P)
+            d_project = torch.cat([g.lower, -g.e_project.mT], dim=1)  # [N, n+1, n]
+            d_A1 = torch.bmm(d_mixed, P[:, 1:].mT).addcmul_(d_project, e)
+        else:
+            # write = −project, s_write = −η_n at s = n
+            d_project = torch.cat([g.lower - g.b_write, -(g.e_project + g.e_write).mT], dim=1)
+            d_eta = torch.zeros_like(eta)
+            d_eta[:, -1] -= g.s_write[:, -1, 0]
+            d_A1 = d_project * e
+        d_eta += (d_project * A[..., 1:]).sum(-2)
+        if has_alpha:
+            d_decay = torch.cat([g.b_decay, g.e_decay], dim=1)  # [N, n+1, 1]
+            d_alpha = _gate_grad(A, torch.cat([d_decay, d_A1], dim=-1)[:, 1:])
+        return None, d_eta, *[x for x, on in ((d_mu, has_mu), (d_alpha, has_alpha)) if on]

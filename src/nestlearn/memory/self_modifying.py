@@ -61,9 +61,9 @@ class SelfModifyingOptions:
     read: str = "per_token"  # M_mem read: per_token (dual form) or chunk_start
     eta_scale: float = 0.1  # η_t = softplus(·) · eta_scale, before the clamp
     detach_inner: bool = False  # stop-gradient through every memory's surprise
-    # The other memories' writes as one autograd node per segment with a hand-written backward
-    # (memory/bank_fused.py; L2 objective; once differentiable); False: plain autograd, the
-    # reference formulation.
+    # The other memories' reads, coefficients and writes as autograd nodes with hand-written
+    # backwards, one each per segment (memory/bank_fused.py, dgd_write.py; L2 objective; once
+    # differentiable); False: plain autograd, the reference formulation.
     fused_bank: bool = True
 
 
@@ -176,18 +176,24 @@ def self_modifying_chunk(
     pos = memories["eta"].pos
     sizes = dgd_mlp.segment_sizes(T, options.other_chunk_size, pos)
     mu_parts = [None] * len(sizes) if mu is None else mu.split(sizes, dim=1)
+    # The fixed maps read the input, not a memory: once for the whole sequence.
+    fixed_tokens = {n: _token_of(n, torch.bmm(flat, W.mT)) for n, W in fixed.items()}
+    fixed_parts = {n: t.split(sizes, dim=1) for n, t in fixed_tokens.items()}
     parts: dict[str, list] = {name: [] for name in ("k", "v", "q", "eta", "alpha")}
-    for x_n, mu_n in zip(flat.split(sizes, dim=1), mu_parts, strict=True):
-        tokens, w, s = _others_segment(x_n, mu_n, w, s, wc, lay, opts, params, fixed, options)
+    for i, (x_n, mu_n) in enumerate(zip(flat.split(sizes, dim=1), mu_parts, strict=True)):
+        given = {n: p[i] for n, p in fixed_parts.items()}
+        tokens, w, s = _others_segment(x_n, mu_n, w, s, wc, lay, opts, params, given, options)
         for name, value in tokens.items():
-            parts[name].append(value)
+            if name not in fixed_tokens:
+                parts[name].append(value)
         pos += x_n.shape[1]
         if pos == options.other_chunk_size:
             wc, pos = w, 0
     unpacked = [bank.unpack(lay, x) for x in (w, s, wc)]
     for name in names:
         memories[name] = _Memory(*(u[name] for u in unpacked), pos)
-    inputs = {n: None if p[0] is None else torch.cat(p, dim=1) for n, p in parts.items()}
+    inputs = {n: None if p[0] is None else torch.cat(p, dim=1) for n, p in parts.items() if p}
+    inputs.update(fixed_tokens)
     mem = memories["mem"]
     y, w, s, wc, pos = dgd_mlp.run_chunks(
         inputs["q"],
@@ -217,24 +223,20 @@ def _others_segment(
     options: SelfModifyingOptions,
 ) -> tuple[dict[str, torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
     """One chunk segment of the other memories (a :mod:`~nestlearn.memory.bank`), tokens
-    ``x [N, n, D]``: their ``k, v, q, η, α`` from the chunk-start weights ``wc``, then the
-    bank's weights and momenta after writing them."""
-    out = bank.forward(lay, wc, x, opts)[0]  # [M, N, n, O]
-    # unbind, not indexing: the backward of each index would fill a zero tensor of all of out.
-    raw = {
-        n: o[..., :width] for n, o, width in zip(lay.names, out.unbind(0), lay.outs, strict=True)
-    }
-    raw.update({name: torch.bmm(x, W.mT) for name, W in fixed.items()})
+    ``x [N, n, D]``: their ``k, v, q, η, α`` from the chunk-start weights ``wc`` (``fixed``: the
+    tokens of the fixed maps, given), then the bank's weights and momenta after writing them."""
+    raw = dict(zip(lay.names, bank.read(lay, wc, x, opts, fused=options.fused_bank), strict=True))
     tokens = _finish(raw, params, options, len(x) // len(params.eta_bias))
+    tokens.update(fixed)
     targets = None
     if options.variant == "fully_adaptive":
         pads = zip(lay.names, lay.outs, strict=True)
         targets = torch.stack(
             [F.pad(_target_input(n, tokens["v"], options), (0, lay.out - o)) for n, o in pads]
         )
-    coeffs = dgd_mlp.coefficients(tokens["eta"], mu, tokens["alpha"])
-    w, s = bank.segment(
-        lay, w, s, wc, tokens["k"], tokens["v"], targets, coeffs, opts, fused=options.fused_bank
+    gates = (tokens["eta"], mu, tokens["alpha"])
+    w, s = bank.segment_from_gates(
+        lay, w, s, wc, tokens["k"], tokens["v"], targets, gates, opts, fused=options.fused_bank
     )
     return tokens, w, s
 
@@ -283,20 +285,20 @@ def _finish(
     options: SelfModifyingOptions,
     B: int,
 ) -> dict[str, torch.Tensor | None]:
-    """``k, v, q [N, n, D]`` and ``η, α [N, n]`` from the raw reads ``[N, n, out]`` of the
-    memories at their chunk-start weights (or of the fixed maps); ``α`` None without
-    retention."""
+    """``k, v, q [N, n, D]`` (those of them in ``raw``) and ``η, α [N, n]`` from the raw reads
+    ``[N, n, out]`` of the memories at their chunk-start weights (or of the fixed maps); ``α``
+    None without retention."""
     eta = F.softplus(raw["eta"][..., 0] + _per_sequence(params.eta_bias, B)) * options.eta_scale
     alpha = None
     if params.alpha_bias is not None:
         alpha = torch.sigmoid(raw["alpha"][..., 0] + _per_sequence(params.alpha_bias, B))
-    return {
-        "k": F.normalize(raw["k"], dim=-1),
-        "v": raw["v"],
-        "q": F.normalize(raw["q"], dim=-1),
-        "eta": _clamp(eta, alpha, options),
-        "alpha": alpha,
-    }
+    tokens = {n: _token_of(n, raw[n]) for n in ("k", "v", "q") if n in raw}
+    return {**tokens, "eta": _clamp(eta, alpha, options), "alpha": alpha}
+
+
+def _token_of(name: str, raw: torch.Tensor) -> torch.Tensor:
+    """``k``, ``q``: unit rows; ``v`` as read."""
+    return raw if name == "v" else F.normalize(raw, dim=-1)
 
 
 def _clamp(
