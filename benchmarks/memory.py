@@ -1,16 +1,24 @@
 """Chunkwise vs sequential memory layers, and Titans' memory against titans-pytorch.
 
     nestlearn bench memory [--json FILE] [--seq-len 2048] [--repeats 3] [--threads N]
-                           [--layers titans_lmm,...]
+                           [--layers titans_lmm,...] [--clock wall|cpu]
 
 Part 1 (issue: chunkwise >= 20x sequential): for every memory layer, forward + backward tokens/s
 of the chunkwise and sequential (reference) forms, measured side by side in this run, at B=2,
 T=2048, d=256, 4 heads of 64, chunk 64, float32 on the CPU, and the max abs difference of their
-outputs. Part 2 (issue: >= 2x titans-pytorch): our Titans neural memory layer against
+outputs. In the same turns, the memory op alone (``matrix_memory``, or Titans'
+``mlp_memory_chunk`` / ``mlp_memory_reference``) in both forms, on leaf copies of the inputs
+the layer hands it: ``op_speedup`` is the op's ratio, ``shared_ms`` the rest of the chunk layer
+(projections, convs, norms, gates: ``layer − op``, the same in both forms) and
+``speedup_bound = sequential layer / shared``, the layer ratio a free chunk op would reach.
+
+Part 2 (issue: >= 2x titans-pytorch): our Titans neural memory layer against
 ``titans_pytorch.NeuralMemory`` (optional: ``pip install 'nestlearn[bench]'``) at B=2, T=1024,
 dim 256, 4 heads of 64, chunk 64, with the same memory MLP on both sides (64 -> 128 -> 64, our
 default, and 64 -> 256 -> 64, theirs). Best of ``--repeats`` timings each, taken in turns
-(machines are noisy).
+(machines are noisy). ``--clock cpu`` times with the process's CPU time instead of the wall
+clock: on a machine shared with other jobs, with ``--threads 1``, it does not count the time the
+process waits for a core (with more threads it would count their spin-waits).
 """
 
 from __future__ import annotations
@@ -19,11 +27,17 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from typing import Any
+from unittest import mock
 
 import torch
 
+import nestlearn.layers.matrix_memory as matrix_layer
+import nestlearn.layers.neural_memory as neural_layer
 from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
 from nestlearn.layers.neural_memory import NeuralMemoryMixer
+from nestlearn.memory.matrix import matrix_memory
+from nestlearn.memory.mlp import mlp_memory_chunk, mlp_memory_reference
 from nestlearn.train.report import markdown_table
 
 LAYERS = [*VARIANTS, "titans_lmm"]
@@ -36,24 +50,89 @@ def build_layer(name: str, mode: str, d_model: int, heads: int, chunk: int) -> t
     return MatrixMemoryMixer(name, d_model, heads, head_dim, chunk_size=chunk, mode=mode)
 
 
-def time_fwd_bwd(steps: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, float]:
-    """Best wall time of one forward + backward per entry, after one warm-up call each.
+def _leaf(x: Any) -> Any:
+    """A tensor as a leaf that requires grad, with the same values, shape and strides (the op
+    then pays the same layout copies as in the layer); lists and dicts entry by entry."""
+    if isinstance(x, torch.Tensor):
+        leaf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        return leaf.copy_(x.detach()).requires_grad_(x.is_floating_point())
+    if isinstance(x, list | tuple):
+        return type(x)(_leaf(e) for e in x)
+    if isinstance(x, dict):
+        return {key: _leaf(e) for key, e in x.items()}
+    return x
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands on a dense gradient, as a model's next layer would:
+    ``out.sum().backward()`` seeds an expanded (stride-0) one, on which the op's batched matmuls
+    take a slow per-matrix path and the output projection's matmuls copy it twice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def op_steps(name: str, layer: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable]:
+    """``op_chunk`` and ``op_seq``: the layer's memory op alone in its two forms, on leaf copies
+    of the arguments the (chunk) layer hands it for ``x``."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def record(fn: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            calls.append((args, kwargs))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    if name == "titans_lmm":
+        module, attr = neural_layer, "mlp_memory_chunk"
+        forms = {"op_chunk": mlp_memory_chunk, "op_seq": mlp_memory_reference}
+    else:
+        module, attr = matrix_layer, "matrix_memory"
+        forms = {
+            "op_chunk": lambda *a, **kw: matrix_memory(*a, **{**kw, "mode": "chunk"}),
+            "op_seq": lambda *a, **kw: matrix_memory(*a, **{**kw, "mode": "reference"}),
+        }
+    with mock.patch.object(module, attr, record(getattr(module, attr))), torch.no_grad():
+        layer(x)
+    if len(calls) != 1:
+        raise RuntimeError(f"{name}: expected one call of {attr}, saw {len(calls)}")
+    args, kwargs = _leaf(calls[0])
+    return {key: lambda f=f: _DenseGrad.apply(f(*args, **kwargs)[0]) for key, f in forms.items()}
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_fwd_bwd(
+    steps: dict[str, Callable[[], torch.Tensor]], repeats: int, clock: str = "wall"
+) -> dict[str, float]:
+    """Best time (``clock``: wall or process CPU) of one forward + backward per entry, after
+    one warm-up call each.
 
     Entries are timed in turns (a, b, a, b, ...) so that a burst of load on a shared machine
     hits all of them alike rather than one.
     """
     for step in steps.values():
         step().sum().backward()
+    now = CLOCKS[clock]
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = now()
             step().sum().backward()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], now() - start)
     return best
 
 
-def chunk_vs_sequential(seq_len: int, repeats: int, layers: list[str] = LAYERS) -> list[dict]:
+def chunk_vs_sequential(
+    seq_len: int, repeats: int, layers: list[str] = LAYERS, clock: str = "wall"
+) -> list[dict]:
     B, d, heads, chunk = 2, 256, 4, 64
     rows = []
     for name in layers:
@@ -64,11 +143,14 @@ def chunk_vs_sequential(seq_len: int, repeats: int, layers: list[str] = LAYERS) 
         x = torch.randn(B, seq_len, d)
         with torch.no_grad():
             diff = (chunked(x)[0] - sequential(x)[0]).abs().max().item()
-        times = time_fwd_bwd(
-            {"chunk": lambda m=chunked, x=x: m(x)[0], "seq": lambda m=sequential, x=x: m(x)[0]},
-            repeats,
-        )
+        steps = {
+            "chunk": lambda m=chunked, x=x: _DenseGrad.apply(m(x)[0]),
+            "seq": lambda m=sequential, x=x: _DenseGrad.apply(m(x)[0]),
+            **op_steps(name, chunked, x),
+        }
+        times = time_fwd_bwd(steps, repeats, clock)
         t_chunk, t_seq = times["chunk"], times["seq"]
+        shared = t_chunk - times["op_chunk"]
         tokens = B * seq_len
         rows.append(
             {
@@ -77,17 +159,25 @@ def chunk_vs_sequential(seq_len: int, repeats: int, layers: list[str] = LAYERS) 
                 "sequential_tokens_per_s": tokens / t_seq,
                 "speedup": t_seq / t_chunk,
                 "max_abs_diff": diff,
+                "chunk_ms": 1e3 * t_chunk,
+                "sequential_ms": 1e3 * t_seq,
+                "op_chunk_ms": 1e3 * times["op_chunk"],
+                "op_sequential_ms": 1e3 * times["op_seq"],
+                "op_speedup": times["op_seq"] / times["op_chunk"],
+                "shared_ms": 1e3 * shared,
+                "speedup_bound": t_seq / shared if shared > 0 else float("inf"),
             }
         )
         print(
             f"{name}: chunk {tokens / t_chunk:,.0f} tok/s, sequential {tokens / t_seq:,.0f} "
-            f"tok/s, x{t_seq / t_chunk:.1f}, max |diff| {diff:.2e}",
+            f"tok/s, x{t_seq / t_chunk:.1f}, op x{times['op_seq'] / times['op_chunk']:.1f}, "
+            f"shared {1e3 * shared:.1f} ms, max |diff| {diff:.2e}",
             flush=True,
         )
     return rows
 
 
-def against_titans_pytorch(repeats: int, expansion: int = 2) -> dict:
+def against_titans_pytorch(repeats: int, expansion: int = 2, clock: str = "wall") -> dict:
     """Both memories with the same MLP: 2 layers, ``head_dim -> expansion·head_dim -> head_dim``
     (ours ``hidden_mult``, theirs ``default_model_kwargs["expansion_factor"]``; their default is
     4, ours 2: the report gives both, each with the other side matched to it)."""
@@ -109,7 +199,7 @@ def against_titans_pytorch(repeats: int, expansion: int = 2) -> dict:
             default_model_kwargs={"depth": 2, "expansion_factor": float(expansion)},
         )
         steps["theirs"] = lambda: theirs(x)[0]
-    times = time_fwd_bwd(steps, repeats)
+    times = time_fwd_bwd(steps, repeats, clock)
     t_ours = times["ours"]
     result = {
         "shape": {"batch": B, "seq_len": T, "dim": d, "heads": heads, "chunk": chunk},
@@ -133,6 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--layers", default=",".join(LAYERS), help=f"comma-separated subset of {LAYERS}"
     )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall clock, or process CPU time (a loaded machine, with --threads 1)",
+    )
     args = parser.parse_args(argv)
     layers = [name for name in args.layers.split(",") if name]
     unknown = sorted(set(layers) - set(LAYERS))
@@ -145,9 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "torch": torch.__version__,
-        "chunk_vs_sequential": chunk_vs_sequential(args.seq_len, args.repeats, layers),
-        "titans": [against_titans_pytorch(args.repeats, e) for e in (2, 4)],
+        "chunk_vs_sequential": chunk_vs_sequential(args.seq_len, args.repeats, layers, args.clock),
+        "titans": [against_titans_pytorch(args.repeats, e, args.clock) for e in (2, 4)],
     }
     rows = [
         [
@@ -155,13 +252,18 @@ def main(argv: list[str] | None = None) -> None:
             r["chunk_tokens_per_s"],
             r["sequential_tokens_per_s"],
             r["speedup"],
+            r["op_speedup"],
+            r["chunk_ms"],
+            r["op_chunk_ms"],
+            r["shared_ms"],
+            r["speedup_bound"],
             f"{r['max_abs_diff']:.1e}",
         ]
         for r in result["chunk_vs_sequential"]
     ]
-    print(
-        markdown_table(["layer", "chunk tok/s", "sequential tok/s", "speed-up", "max |diff|"], rows)
-    )
+    headers = ["layer", "chunk tok/s", "sequential tok/s", "speed-up", "op speed-up"]
+    headers += ["chunk ms", "op chunk ms", "shared ms", "bound", "max |diff|"]
+    print(markdown_table(headers, rows))
     titans = [
         [
             r["memory_mlp"],

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestlearn.layers.short_conv import ShortConv
+from nestlearn.layers.short_conv import ShortConv, short_conv
 
 
 @settings(max_examples=20, deadline=None)
@@ -61,3 +62,42 @@ def test_bad_shapes_are_named():
         conv(torch.randn(2, 5, 3))
     with pytest.raises(ValueError, match="another layer"):
         conv(torch.randn(2, 5, 4), torch.zeros(2, 4, 5))
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("activation", [True, False])
+def test_short_conv_gradients_gradcheck_and_second_derivatives(width, activation):
+    """The hand-written backward (both outputs: y and the new state) against finite
+    differences, and the double backward through it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, width, dtype=torch.float64, requires_grad=True)
+    state = torch.randn(2, 3, width - 1, dtype=torch.float64, requires_grad=True)
+
+    def conv(x, weight, state):
+        return short_conv(x.transpose(0, 1).transpose(0, 1), weight, state, activation)
+
+    assert torch.autograd.gradcheck(conv, (x, weight, state))
+    assert torch.autograd.gradgradcheck(conv, (x, weight, state))
+
+
+def test_short_conv_backward_equals_autograd_through_the_plain_ops():
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    state = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    y, new_state = conv(x, state)
+    padded = torch.cat([state.transpose(1, 2), x], 1)
+    ref = F.conv1d(padded.transpose(1, 2), conv.weight, groups=6).transpose(1, 2)
+    ref, ref_state = F.silu(ref), padded[:, -3:].transpose(1, 2)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(new_state, ref_state)
+    gy, gs = torch.randn_like(y), torch.randn_like(new_state)
+    ours = torch.autograd.grad([y, new_state], [x, state, conv.weight], [gy, gs])
+    theirs = torch.autograd.grad([ref, ref_state], [x, state, conv.weight], [gy, gs])
+    for name, a, b in zip(("x", "state", "weight"), ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    # only the state's gradient asked for (y unused)
+    (only_state,) = torch.autograd.grad(conv(x, state)[1], x, gs)
+    (only_state_ref,) = torch.autograd.grad(ref_state, x, gs)
+    torch.testing.assert_close(only_state, only_state_ref)

@@ -80,10 +80,11 @@ class MemoryHeads(nn.Module):
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``o [B, H, T, dv]`` read from the memories -> ``[B, T, d]``."""
         B, T = x.shape[:2]
-        # One copy to time-major first, so that the norm, the gate and o_proj read contiguously.
-        o = o.transpose(1, 2).contiguous()  # [B, T, H, dv]
         gate = self.g_proj(x).reshape(B, T, self.n_heads, self.dv)
-        o = self.o_norm(o) * F.silu(gate)
+        if o.dtype in (torch.float32, torch.float64):
+            o = gated_rms_norm(o, gate, self.o_norm.weight, self.o_norm.eps)
+        else:  # low precision: RMSNorm takes the mean of squares in float32
+            o = self.o_norm(o.transpose(1, 2).contiguous()) * F.silu(gate)
         return self.o_proj(o.reshape(B, T, self.n_heads * self.dv))
 
     def projection_flops(self) -> int:
@@ -92,6 +93,66 @@ class MemoryHeads(nn.Module):
             m.weight.numel()
             for m in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.o_proj)
         )
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    """``y = RMSNorm(o) ⊙ silu(g)``: ``o [B, H, T, D]`` head-first in, ``y [B, T, H, D]`` out.
+
+    With ``r = (mean(o²) + eps)^{−1/2}`` and ``n = r o`` (written time-major by the product
+    itself, so the transpose costs no pass of its own), ``y = n ⊙ w ⊙ silu(g)``. Backward, with
+    ``G = ∂y`` and ``∂n = G ⊙ silu(g) ⊙ w``: ``∂w = Σ G ⊙ silu(g) ⊙ n``,
+    ``∂g = silu'(g) ⊙ G ⊙ n ⊙ w`` and ``∂o = r (∂n − n ⟨∂n, n⟩ / D)``: about three quarters of
+    the passes of autograd through RMSNorm, the gate and the copy. Under ``create_graph`` the
+    backward differentiates the plain ops instead, so second derivatives are exact.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        sq = torch.linalg.vector_norm(o, dim=-1, keepdim=True).square_()
+        r = sq.div_(o.shape[-1]).add_(eps).rsqrt_().transpose(1, 2)  # [B, T, H, 1]
+        n = torch.empty(g.shape, dtype=o.dtype, device=o.device)
+        torch.mul(o.transpose(1, 2), r, out=n)
+        s = F.silu(g)
+        ctx.save_for_backward(o, g, weight, n, s, r)
+        ctx.eps = eps
+        return (n * weight).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        o, g, weight, n, s, r = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: through the plain ops
+            y = _gated_rms_norm_plain(o, g, weight, ctx.eps)
+            grads = torch.autograd.grad(y, (o, g, weight), grad, create_graph=True)
+            return (*grads, None)
+        grad_s = grad * s
+        grad_w = (grad_s * n).sum(tuple(range(grad.ndim - 1)))
+        grad_n = grad_s.mul_(weight)
+        grad_g = torch.ops.aten.silu_backward((grad * n).mul_(weight), g)
+        dot = torch.linalg.vecdot(grad_n, n).unsqueeze(-1).div_(n.shape[-1])
+        grad_o = torch.addcmul(grad_n, n, dot, value=-1.0).mul_(r)
+        return grad_o.transpose(1, 2), grad_g, grad_w, None
+
+
+def _gated_rms_norm_plain(
+    o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """:class:`_GatedRMSNorm` in differentiable ops."""
+    o = o.transpose(1, 2)
+    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * weight * F.silu(g)
+
+
+def gated_rms_norm(
+    o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``RMSNorm(oᵀ) ⊙ silu(g)`` (SPEC §2.2's read-out): ``o [B, H, T, D]`` read from the
+    memories, gate pre-activation ``g [B, T, H, D]``, gain ``weight [D]`` -> ``[B, T, H, D]``.
+
+    Equal to ``RMSNorm(o.transpose(1, 2)) * F.silu(g)`` in float32/float64, with a hand-written
+    backward (:class:`_GatedRMSNorm`).
+    """
+    return _GatedRMSNorm.apply(o, g, weight, eps)
 
 
 class _L2Normalize(torch.autograd.Function):
