@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.layers.self_modifying import SelfModifyingTitansMixer
-from nestlearn.memory import bank, bank_fused, dgd_mlp, dgd_write
+from nestlearn.memory import bank, bank_fused, dgd_gates, dgd_mlp
 
 DT = torch.float64
 
@@ -221,8 +221,8 @@ def test_gradcheck_chunk_start_is_start(shape):
 
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("retention", [True, False])
-def test_write_coefficients_equal_autograd(momentum, retention):
-    """The coefficients as one node (dgd_write.write_coefficients) against autograd through
+def test_gate_coefficients_equal_autograd(momentum, retention):
+    """The coefficients as one node (dgd_gates.gate_coefficients) against autograd through
     dgd_mlp.coefficients: the same numbers, the same gradients, gates exactly 0 included."""
     gen = torch.Generator().manual_seed(6)
     N, n = 3, 5
@@ -232,7 +232,7 @@ def test_write_coefficients_equal_autograd(momentum, retention):
     mu[1, 3] = alpha[0, 2] = 0.0
     gates = [eta, mu if momentum else None, alpha if retention else None]
     leaves = [None if g is None else g.clone().requires_grad_() for g in gates]
-    fused = dgd_write.write_coefficients(*leaves)
+    fused = dgd_gates.gate_coefficients(*leaves)
     plain = bank.write_coefficients(dgd_mlp.coefficients(*leaves))
     weights = []
     for a, b in zip(fused, plain, strict=True):
@@ -252,7 +252,7 @@ def test_write_coefficients_equal_autograd(momentum, retention):
     def fn(*gates):
         it = iter(gates)
         args = [next(it), next(it) if momentum else None, next(it) if retention else None]
-        return tuple(x for x in dgd_write.write_coefficients(*args) if x is not None)
+        return tuple(x for x in dgd_gates.gate_coefficients(*args) if x is not None)
 
     assert torch.autograd.gradcheck(fn, tuple(wrt))
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory import bank_fused, dgd_write
+from nestlearn.memory import bank_fused, dgd_gates
 from nestlearn.memory.dgd_mlp import Coefficients, Options, coefficients, end_map, write_map
 from nestlearn.memory.dgd_write import WriteCoefficients
 
@@ -153,9 +153,9 @@ def segment_from_gates(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """:func:`segment` with the gates ``η, μ, α [N, n]`` (``μ``, ``α`` may be None) instead of
     their coefficients; fused, the coefficients too are one autograd node
-    (:func:`nestlearn.memory.dgd_write.write_coefficients`)."""
+    (:func:`nestlearn.memory.dgd_gates.gate_coefficients`)."""
     if fused and bank_fused.supported(opts):
-        c = dgd_write.write_coefficients(*gates)
+        c = dgd_gates.gate_coefficients(*gates)
         return bank_fused.segment(lay, w, s, wc, k, v, targets, c, opts)
     return segment_autograd(lay, w, s, wc, k, v, targets, coefficients(*gates), opts)
 

@@ -1,0 +1,126 @@
+"""The coefficients of a DGD segment's write from its gates, as one autograd node.
+
+:func:`gate_coefficients` gives the :class:`~nestlearn.memory.dgd_write.WriteCoefficients` of
+:func:`nestlearn.memory.dgd_mlp.coefficients` (SPEC §5; ``docs/self-modifying-titans.md`` §2) for
+the fused bank segment (:mod:`nestlearn.memory.bank_fused`), with a hand-written backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from nestlearn.memory.dgd_write import WriteCoefficients
+
+
+def gate_coefficients(
+    eta: torch.Tensor, mu: torch.Tensor | None, alpha: torch.Tensor | None
+) -> WriteCoefficients:
+    """The :class:`WriteCoefficients` of gates ``[N, n]`` (``mu``, ``alpha`` None: no momentum,
+    no retention): the numbers of ``nestlearn.memory.bank.write_coefficients(
+    nestlearn.memory.dgd_mlp.coefficients(eta, mu, alpha))`` as one autograd node.
+
+    With ``A[t, j] = Π_{r=j+1..t} α_r``, ``P[t, s] = Π_{r=s+1..t} μ_r`` (``[N, n+1, n+1]``),
+    ``C = A[:, 1:] P[1:, :]`` (``c_t = C[t, 0]``, ``D[t, s] = C[t, s]``; without momentum
+    ``D = A``, no ``c``): ``G_t = A[t, 0]``, write ``−D[t, s] η_s``, lower ``A[j−1, i] η_i``,
+    project ``−A[n, j] η_j``, ``M[n, 0] = P[n, 0]``, ``s_write = −P[n, s] η_s``. Backward: the
+    product rule without division (gates may be 0), ``∂P[t, s] / ∂a_r = P[t, r] P[r−1, s]`` for
+    ``s < r ≤ t``, so ``∂L/∂a_r = (Pᵀ dP Pᵀ)[r, r−1]``.
+    """
+    flags = (mu is not None, alpha is not None)
+    gates = [g for g in (eta, mu, alpha) if g is not None]
+    return WriteCoefficients(*_WriteCoefficients.apply(flags, *gates))
+
+
+_MASKS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _segment_products(gates: torch.Tensor) -> torch.Tensor:
+    """:func:`nestlearn.memory.segments.segment_products` (the same numbers), the mask made once
+    per size: ``gates [..., n]`` -> ``[..., n+1, n+1]``."""
+    n = gates.shape[-1] + 1
+    key = (n, gates.device)
+    if key not in _MASKS:
+        idx = torch.arange(n, device=gates.device)
+        _MASKS[key] = idx[:, None] > idx[None, :]
+    rows = torch.cat([gates.new_ones(*gates.shape[:-1], 1), gates], dim=-1)
+    return torch.where(_MASKS[key], rows.unsqueeze(-1), 1.0).cumprod(dim=-2).tril_()
+
+
+def _gate_grad(P: torch.Tensor, dP: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂a_r = (Pᵀ dP Pᵀ)[r, r−1]``, ``r = 1..n``, from the rows ``1..n`` of ``dP`` (row 0
+    does not depend on the gates): ``[N, n]``."""
+    return torch.bmm(torch.bmm(P[:, 1:].mT, dP), P.mT).diagonal(offset=-1, dim1=-2, dim2=-1)
+
+
+class _WriteCoefficients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, flags, eta, *gates):
+        has_mu, has_alpha = flags
+        N, n = eta.shape
+        products = None
+        if gates:
+            products = _segment_products(torch.stack(gates) if len(gates) > 1 else gates[0][None])
+        if has_alpha:
+            A = products[-1]  # [N, n+1, n+1]
+        else:
+            A = _segment_products(torch.ones_like(eta[:1]))[0].expand(N, -1, -1)
+        e = eta.unsqueeze(-2)  # [N, 1, n]
+        project = A[..., 1:] * e  # A[t, j] η_j, [N, n+1, n]
+        P = mixed = None
+        if has_mu:
+            P = products[0]
+            mixed = torch.bmm(A[..., 1:], P[:, 1:])  # [N, n+1, n+1]: c, then D
+            write, carry = -mixed[..., 1:] * e, mixed[..., :1]
+            b_carry, e_carry, s_decay = carry[:, :n], carry[:, n:], P[:, n:, :1]
+            s_write = (-P[:, n, 1:] * eta).unsqueeze(-1)
+        else:
+            write, b_carry, e_carry, s_decay = -project, None, None, None
+            s_write = torch.cat([torch.zeros_like(eta[:, :-1]), -eta[:, -1:]], dim=-1)
+            s_write = s_write.unsqueeze(-1)
+        ctx.flags = flags
+        ctx.save_for_backward(eta, A, P, mixed)
+        return (
+            A[:, :n, :1],
+            b_carry,
+            write[:, :n],
+            project[:, :n],
+            A[:, n:, :1],
+            e_carry,
+            write[:, n:].mT,
+            -project[:, n:].mT,
+            s_decay,
+            s_write,
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        has_mu, has_alpha = ctx.flags
+        eta, A, P, mixed = ctx.saved_tensors
+        g = WriteCoefficients(*grads)
+        e = eta.unsqueeze(-2)
+        d_mu = d_alpha = None
+        if has_mu:
+            # write = −C[:, 1:] η, C = A[:, 1:] P[1:]; s_decay = P[n, 0], s_write = −P[n, 1:] η
+            d_write = torch.cat([g.b_write, g.e_write.mT], dim=1)  # [N, n+1, n]
+            d_carry = torch.cat([g.b_carry, g.e_carry], dim=1)
+            d_mixed = torch.cat([d_carry, d_write * -e], dim=-1)  # [N, n+1, n+1]
+            d_eta = (d_write * mixed[..., 1:]).sum(-2).neg_()
+            d_eta -= g.s_write[..., 0] * P[:, -1, 1:]
+            d_P = torch.bmm(A[..., 1:].mT, d_mixed)  # rows 1..n of dP
+            d_P[:, -1] += torch.cat([g.s_decay[:, 0], g.s_write[..., 0] * -eta], dim=-1)
+            d_mu = _gate_grad(P, d_P)
+            d_project = torch.cat([g.lower, -g.e_project.mT], dim=1)  # [N, n+1, n]
+            d_A1 = torch.bmm(d_mixed, P[:, 1:].mT).addcmul_(d_project, e)
+        else:
+            # write = −project, s_write = −η_n at s = n
+            d_project = torch.cat([g.lower - g.b_write, -(g.e_project + g.e_write).mT], dim=1)
+            d_eta = torch.zeros_like(eta)
+            d_eta[:, -1] -= g.s_write[:, -1, 0]
+            d_A1 = d_project * e
+        d_eta += (d_project * A[..., 1:]).sum(-2)
+        if has_alpha:
+            d_decay = torch.cat([g.b_decay, g.e_decay], dim=1)  # [N, n+1, 1]
+            d_alpha = _gate_grad(A, torch.cat([d_decay, d_A1], dim=-1)[:, 1:])
+        return None, d_eta, *[x for x, on in ((d_mu, has_mu), (d_alpha, has_alpha)) if on]
