@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nestlearn.memory import mlp
+from nestlearn.memory import mlp, mlp_chunked
 from nestlearn.memory.mlp import mlp_memory_chunk
-from nestlearn.memory.mlp_chunked import MLPChunks, groups
+from nestlearn.memory.mlp_chunked import Group, MLPChunks, block_segments, groups, split
 from nestlearn.memory.mlp_segment import segment_products_backward
 from nestlearn.memory.rules import L2
 from nestlearn.memory.segments import segment_products
@@ -79,6 +79,33 @@ def test_hand_written_backward_objectives_and_depths(
     )
     manual, reference = run_both(case, monkeypatch, **options)
     assert_runs_close(manual, reference)
+
+
+@pytest.mark.parametrize("block_elements", [1, 130, 190])
+@pytest.mark.parametrize(
+    "objective, detach_inner", [("l2", False), (ShiftedL2(), False), ("l2", True)]
+)
+def test_reads_in_blocks_of_any_size(block_elements, objective, detach_inner, monkeypatch):
+    # N·C·widest = 4·3·5 = 60 floats per segment: blocks of one segment, of two, and of three
+    # then one (the full-chunk group of four segments split unevenly), between a state that
+    # starts mid-chunk and a last partial chunk.
+    case = make_case(4, T=15, chunk_size=3, with_state=True)
+    monkeypatch.setattr(mlp_chunked, "block_budget", lambda: block_elements)
+    options = dict(objective=objective, residual=True, chunk_size=3, detach_inner=detach_inner)
+    manual, reference = run_both(case, monkeypatch, **options)
+    assert_runs_close(manual, reference)
+    chunk_ref = run(mlp.mlp_memory_reference, case, **options)
+    assert_runs_close(manual, chunk_ref)
+
+
+def test_block_segments_and_split():
+    weights = [torch.zeros(2, 5, 3), torch.zeros(2, 3, 5)]
+    assert block_segments(4, 3, weights, 1) == 1
+    assert block_segments(4, 3, weights, 130) == 2
+    assert block_segments(4, 3, weights, 10**6) == 10**6 // 60
+    g = Group(1, 3, 4, 1)
+    assert [tuple(b) for b in split(g, 3)] == [(1, 3, 3, 1), (10, 3, 1, 4)]
+    assert [tuple(b) for b in split(g, 8)] == [(1, 3, 4, 1)]
 
 
 def test_only_outputs_or_only_state_need_gradients(monkeypatch):
