@@ -22,31 +22,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 
 import torch
 
 from nestlearn.layers.self_modifying import SelfModifyingTitansMixer
 from nestlearn.train.report import markdown_table
+from nestlearn.utils.timing import best_in_turns
 
 D_MODEL, HEADS, MEMORY_CHUNK = 256, 4, 64
 OTHER_CHUNKS = (16, 8)
-
-
-def time_in_turns(
-    steps: dict[str, Callable[[], None]], repeats: int, clock: Callable[[], float]
-) -> dict[str, float]:
-    """Best time per entry, after one warm-up call each, timed in turns."""
-    for step in steps.values():
-        step()
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = clock()
-            step()
-            best[name] = min(best[name], clock() - start)
-    return best
 
 
 def ours(x: torch.Tensor, other_chunk: int, fused_bank: bool = True) -> Callable[[], None]:
@@ -116,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         installed = step is not None
         if step is not None:
             steps[f"theirs/{chunk}"] = step
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    times = time_in_turns(steps, args.repeats, clock)
+    times = best_in_turns(steps, args.repeats, args.clock)
     rows, results = [], []
     for chunk in OTHER_CHUNKS:
         row = {

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
@@ -39,6 +38,7 @@ from nestlearn.layers.neural_memory import NeuralMemoryMixer
 from nestlearn.memory.matrix import matrix_memory
 from nestlearn.memory.mlp import mlp_memory_chunk, mlp_memory_reference
 from nestlearn.train.report import markdown_table
+from nestlearn.utils.timing import CLOCKS, best_in_turns
 
 LAYERS = [*VARIANTS, "titans_lmm"]
 
@@ -106,28 +106,13 @@ def op_steps(name: str, layer: torch.nn.Module, x: torch.Tensor) -> dict[str, Ca
     return {key: lambda f=f: _DenseGrad.apply(f(*args, **kwargs)[0]) for key, f in forms.items()}
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def time_fwd_bwd(
     steps: dict[str, Callable[[], torch.Tensor]], repeats: int, clock: str = "wall"
 ) -> dict[str, float]:
-    """Best time (``clock``: wall or process CPU) of one forward + backward per entry, after
-    one warm-up call each.
-
-    Entries are timed in turns (a, b, a, b, ...) so that a burst of load on a shared machine
-    hits all of them alike rather than one.
-    """
-    for step in steps.values():
-        step().sum().backward()
-    now = CLOCKS[clock]
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = now()
-            step().sum().backward()
-            best[name] = min(best[name], now() - start)
-    return best
+    """Best time (``clock``: wall or process CPU) of one forward + backward per entry, in turns
+    (:func:`nestlearn.utils.timing.best_in_turns`)."""
+    runs = {name: lambda step=step: step().sum().backward() for name, step in steps.items()}
+    return best_in_turns(runs, repeats, clock)
 
 
 def chunk_vs_sequential(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.layers.self_modifying import SelfModifyingTitansMixer
-from nestlearn.memory import bank, bank_fused, dgd_gates, dgd_mlp
+from nestlearn.memory import bank, bank_fused, dgd_gates, dgd_mlp, dgd_write
 
 DT = torch.float64
 
@@ -65,9 +65,9 @@ def options(**kw) -> dgd_mlp.Options:
 
 def segment_fn(lay, opts, fused: bool, momentum: bool, retention: bool):
     def fn(k, v, targets, F0, G0, SF0, SG0, FC, GC, eta, mu, alpha):
-        coeffs = dgd_mlp.coefficients(eta, mu if momentum else None, alpha if retention else None)
+        gates = (eta, mu if momentum else None, alpha if retention else None)
         w, s = bank.segment(
-            lay, [F0, G0], [SF0, SG0], [FC, GC], k, v, targets, coeffs, opts, fused=fused
+            lay, [F0, G0], [SF0, SG0], [FC, GC], k, v, targets, gates, opts, fused=fused
         )
         return (*w, *s)
 
@@ -142,9 +142,9 @@ def test_unsupported_objective_falls_back_to_autograd():
     opts = options(objective="huber")
     assert not bank_fused.supported(opts)
     lay, w, s, wc, k, v, _, gates = make_inputs(2)
-    coeffs = dgd_mlp.coefficients(gates["eta"], gates["mu"], gates["alpha"])
-    fused = bank.segment(lay, w, s, wc, k, v, None, coeffs, opts)
-    plain = bank.segment_autograd(lay, w, s, wc, k, v, None, coeffs, opts)
+    gates = (gates["eta"], gates["mu"], gates["alpha"])
+    fused = bank.segment(lay, w, s, wc, k, v, None, gates, opts)
+    plain = bank.segment_autograd(lay, w, s, wc, k, v, None, dgd_mlp.coefficients(*gates), opts)
     for a, b in zip([*fused[0], *fused[1]], [*plain[0], *plain[1]], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -210,8 +210,8 @@ def test_gradcheck_chunk_start_is_start(shape):
     opts = options()
 
     def fn(k, v, F0, G0, SF0, SG0, eta, mu, alpha):
-        coeffs = dgd_mlp.coefficients(eta, mu, alpha)
-        w, s = bank.segment(lay, [F0, G0], [SF0, SG0], [F0, G0], k, v, None, coeffs, opts)
+        gates = (eta, mu, alpha)
+        w, s = bank.segment(lay, [F0, G0], [SF0, SG0], [F0, G0], k, v, None, gates, opts)
         return (*w, *s)
 
     inputs = [k, v, *w, *s, gates["eta"], gates["mu"], gates["alpha"]]
@@ -233,7 +233,7 @@ def test_gate_coefficients_equal_autograd(momentum, retention):
     gates = [eta, mu if momentum else None, alpha if retention else None]
     leaves = [None if g is None else g.clone().requires_grad_() for g in gates]
     fused = dgd_gates.gate_coefficients(*leaves)
-    plain = bank.write_coefficients(dgd_mlp.coefficients(*leaves))
+    plain = write_coefficients(dgd_mlp.coefficients(*leaves))
     weights = []
     for a, b in zip(fused, plain, strict=True):
         assert (a is None) == (b is None)
@@ -280,3 +280,20 @@ def test_read_equals_autograd(activation, shape):
         torch.testing.assert_close(a, b)
     fn = lambda z, F0, G0: tuple(bank_fused.read(lay, [F0, G0], z, opts))  # noqa: E731
     assert torch.autograd.gradcheck(fn, tuple(leaves), atol=1e-7, rtol=1e-5)
+
+
+def write_coefficients(coeffs: dgd_mlp.Coefficients) -> dgd_write.WriteCoefficients:
+    """The coefficients a segment's writes (no reads) use, picked from autograd's."""
+    before, end = coeffs.before, coeffs.end
+    return dgd_write.WriteCoefficients(
+        before.decay,
+        before.carry,
+        before.write,
+        coeffs.lower,
+        end.decay,
+        end.carry,
+        end.write,
+        end.project,
+        coeffs.s_decay,
+        coeffs.s_write,
+    )

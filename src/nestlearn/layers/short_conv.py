@@ -62,6 +62,11 @@ def _padded(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     return torch.cat([state.transpose(1, 2), x], dim=1)
 
 
+def _last_inputs(padded: torch.Tensor, width: int) -> torch.Tensor:
+    """The new state ``[B, D, w−1]``: the last ``w − 1`` rows of ``padded [B, w−1+T, D]``."""
+    return padded[:, padded.shape[1] - (width - 1) :].transpose(1, 2)
+
+
 def _conv(padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The depthwise causal conv of ``padded [B, w−1+T, D]`` -> pre-activation ``[B, T, D]``.
 
@@ -83,7 +88,7 @@ def _plain(
     """The forward in differentiable ops (what :class:`_ShortConvFn` computes)."""
     padded = _padded(x, state)
     y = _conv(padded, weight)
-    new_state = padded[:, padded.shape[1] - (weight.shape[-1] - 1) :].transpose(1, 2)
+    new_state = _last_inputs(padded, weight.shape[-1])
     return (F.silu(y) if activation else y), new_state
 
 
@@ -128,7 +133,7 @@ class _ShortConvFn(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         padded = _padded(x, state)
         y = _conv(padded, weight)
-        new_state = padded[:, padded.shape[1] - (weight.shape[-1] - 1) :].transpose(1, 2)
+        new_state = _last_inputs(padded, weight.shape[-1])
         ctx.save_for_backward(x, weight, state, y)
         ctx.activation = activation
         return (F.silu(y) if activation else y), new_state

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from nestlearn.memory import bank_fused, dgd_gates
 from nestlearn.memory.dgd_mlp import Coefficients, Options, coefficients, end_map, write_map
-from nestlearn.memory.dgd_write import WriteCoefficients
 
 
 class Layout(NamedTuple):
@@ -124,57 +123,20 @@ def segment(
     k: torch.Tensor,
     v: torch.Tensor,
     targets: torch.Tensor | None,
-    coeffs: Coefficients,
-    opts: Options,
-    *,
-    fused: bool = True,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """:func:`segment_autograd`'s numbers; by default (``fused``, when
-    :func:`nestlearn.memory.bank_fused.supported`) as one autograd node with a hand-written
-    backward, :func:`nestlearn.memory.bank_fused.segment`."""
-    if fused and bank_fused.supported(opts):
-        c = write_coefficients(coeffs)
-        return bank_fused.segment(lay, w, s, wc, k, v, targets, c, opts)
-    return segment_autograd(lay, w, s, wc, k, v, targets, coeffs, opts)
-
-
-def segment_from_gates(
-    lay: Layout,
-    w: list[torch.Tensor],
-    s: list[torch.Tensor],
-    wc: list[torch.Tensor],
-    k: torch.Tensor,
-    v: torch.Tensor,
-    targets: torch.Tensor | None,
     gates: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     opts: Options,
     *,
     fused: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """:func:`segment` with the gates ``η, μ, α [N, n]`` (``μ``, ``α`` may be None) instead of
-    their coefficients; fused, the coefficients too are one autograd node
-    (:func:`nestlearn.memory.dgd_gates.gate_coefficients`)."""
+    """:func:`segment_autograd`'s numbers from the gates ``η, μ, α [N, n]`` (``μ``, ``α`` may be
+    None); by default (``fused``, when :func:`nestlearn.memory.bank_fused.supported`) as two
+    autograd nodes with hand-written backwards, the coefficients
+    (:func:`nestlearn.memory.dgd_gates.gate_coefficients`) and the write
+    (:func:`nestlearn.memory.bank_fused.segment`)."""
     if fused and bank_fused.supported(opts):
         c = dgd_gates.gate_coefficients(*gates)
         return bank_fused.segment(lay, w, s, wc, k, v, targets, c, opts)
     return segment_autograd(lay, w, s, wc, k, v, targets, coefficients(*gates), opts)
-
-
-def write_coefficients(coeffs: Coefficients) -> WriteCoefficients:
-    """The coefficients the writes (no reads) of a segment use."""
-    before, end = coeffs.before, coeffs.end
-    return WriteCoefficients(
-        before.decay,
-        before.carry,
-        before.write,
-        coeffs.lower,
-        end.decay,
-        end.carry,
-        end.write,
-        end.project,
-        coeffs.s_decay,
-        coeffs.s_write,
-    )
 
 
 def segment_autograd(

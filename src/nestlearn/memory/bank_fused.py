@@ -121,18 +121,10 @@ class _BankSegment(torch.autograd.Function):
         spans = [(slice(a * N, b * N), o) for a, b, o in runs(lay)]
         self_target = targets is None
         z = torch.cat([k, v], dim=1) if self_target else k  # [N, m, D]
-        m = z.shape[1]
-        projected = torch.bmm(z, FC.mT)  # [N, m, R]
-        pre = projected[..., : M * h].unflatten(-1, (M, h)).movedim(-2, 0).reshape(M * N, m, h)
-        hid, d1 = opts.sigma(pre), SIGMA[opts.sigma](pre)
+        pre, hid, outs = _outputs(lay, opts, z, FC, GC)
+        d1 = SIGMA[opts.sigma](pre)
         errors, backs = [], []
-        for (a, b, o), (rows_, _) in zip(runs(lay), spans, strict=True):
-            out = torch.bmm(hid[rows_], GC[rows_, :o].mT).view(b - a, N, m, o)
-            for i in range(a, b):
-                if lay.linear[i]:
-                    out[i - a] += projected[..., offsets[i] : offsets[i] + o]
-                else:
-                    out[i - a] += z
+        for (a, b, o), (rows_, _), out in zip(runs(lay), spans, outs, strict=True):
             # [m, N, n, o]
             error = out[:, :, :n] - out[:, :, n:] if self_target else out - targets[a:b, ..., :o]
             errors.append(error.flatten(0, 1))
@@ -317,21 +309,7 @@ class _BankRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, config, z, FC, GC):
-        lay, opts = config
-        M, h, N, n = len(lay.names), lay.hidden, z.shape[0], z.shape[1]
-        offsets = _skip_offsets(lay)
-        projected = torch.bmm(z, FC.mT)  # [N, n, R]
-        pre = projected[..., : M * h].unflatten(-1, (M, h)).movedim(-2, 0).reshape(M * N, n, h)
-        hid = opts.sigma(pre)
-        outs = []
-        for a, b, o in runs(lay):
-            out = torch.bmm(hid[a * N : b * N], GC[a * N : b * N, :o].mT).view(b - a, N, n, o)
-            for i in range(a, b):
-                if lay.linear[i]:
-                    out[i - a] += projected[..., offsets[i] : offsets[i] + o]
-                else:
-                    out[i - a] += z
-            outs.append(out)
+        pre, hid, outs = _outputs(*config, z, FC, GC)
         ctx.config = config
         ctx.save_for_backward(z, FC, GC, pre, hid)
         return tuple(outs)
@@ -361,6 +339,29 @@ class _BankRead(torch.autograd.Function):
         d_projected = torch.cat(parts, dim=-1)  # [N, n, R]
         d_z = torch.bmm(d_projected, FC) if d_z is None else torch.baddbmm(d_z, d_projected, FC)
         return None, d_z, torch.bmm(d_projected.mT, z), d_GC
+
+
+def _outputs(
+    lay: Layout, opts: Options, z: torch.Tensor, FC: torch.Tensor, GC: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Every memory on ``z [N, m, D]`` at ``F_c, G_c``: the pre-activations and hidden units
+    ``[M·N, m, h]`` and per run of one output width ``out [run, N, m, o] = σ(z F_cᵀ) G_cᵀ +
+    skip(z)`` (:func:`nestlearn.memory.bank.forward`'s numbers, unpadded)."""
+    M, h, N, m = len(lay.names), lay.hidden, z.shape[0], z.shape[1]
+    offsets = _skip_offsets(lay)
+    projected = torch.bmm(z, FC.mT)  # [N, m, R]
+    pre = projected[..., : M * h].unflatten(-1, (M, h)).movedim(-2, 0).reshape(M * N, m, h)
+    hid = opts.sigma(pre)
+    outs = []
+    for a, b, o in runs(lay):
+        out = torch.bmm(hid[a * N : b * N], GC[a * N : b * N, :o].mT).view(b - a, N, m, o)
+        for i in range(a, b):
+            if lay.linear[i]:
+                out[i - a] += projected[..., offsets[i] : offsets[i] + o]
+            else:
+                out[i - a] += z
+        outs.append(out)
+    return pre, hid, outs
 
 
 def _skip_offsets(lay: Layout) -> dict[int, int]:

@@ -17,8 +17,9 @@ def gate_coefficients(
     eta: torch.Tensor, mu: torch.Tensor | None, alpha: torch.Tensor | None
 ) -> WriteCoefficients:
     """The :class:`WriteCoefficients` of gates ``[N, n]`` (``mu``, ``alpha`` None: no momentum,
-    no retention): the numbers of ``nestlearn.memory.bank.write_coefficients(
-    nestlearn.memory.dgd_mlp.coefficients(eta, mu, alpha))`` as one autograd node.
+    no retention): the write coefficients among :func:`nestlearn.memory.dgd_mlp.coefficients`'s
+    numbers (``before.{decay, carry, write}``, ``lower``, ``end.{decay, carry, write, project}``,
+    ``s_decay``, ``s_write``), as one autograd node.
 
     With ``A[t, j] = Π_{r=j+1..t} α_r``, ``P[t, s] = Π_{r=s+1..t} μ_r`` (``[N, n+1, n+1]``),
     ``C = A[:, 1:] P[1:, :]`` (``c_t = C[t, 0]``, ``D[t, s] = C[t, s]``; without momentum

@@ -132,22 +132,14 @@ def chunk_forward(
             for jb in range(block.count):
                 rows = slice((first + jb) * N, (first + jb + 1) * N)  # of the group
                 span = slice(block.start + jb * g.size, block.start + (jb + 1) * g.size)
-                k_j, v_j = k[:, span], v[:, span]
                 at = wc if block.first + jb == 0 else w_cur
-                seg: dict[str, Any] = {"w0": w_cur, "s0": s_cur, "group": gi, "rows": rows}
-                if surprise_grad == "graph":
-                    with torch.enable_grad():
-                        leaves = [x.detach().requires_grad_() for x in (k_j, v_j, *at)]
-                        graph = surprise(leaves[2:], leaves[0], leaves[1], opts)
-                    seg["graph"] = (leaves, *graph)
-                    deltas = [d.detach() for d in graph[0]]
-                    inputs = [u.detach() for u in graph[1]]
-                else:
-                    deltas, inputs, seg["aux"] = surprise_saving(at, k_j, v_j, opts)
                 end = {key: None if x is None else x[rows] for key, x in ends.items()}
-                w_cur, s_cur, seg["scaled"] = end_forward(w_cur, s_cur, deltas, inputs, end)
-                seg.update(deltas=deltas, inputs=inputs, end=end, at=at, v=v_j)
-                seg.update(block=len(blocks), block_rows=slice(jb * N, (jb + 1) * N))
+                seg = _segment_forward(opts, surprise_grad, k[:, span], v[:, span], at, end)
+                seg.update(w0=w_cur, s0=s_cur, group=gi, rows=rows, block=len(blocks))
+                seg["block_rows"] = slice(jb * N, (jb + 1) * N)
+                w_cur, s_cur, seg["scaled"] = end_forward(
+                    w_cur, s_cur, seg["deltas"], seg["inputs"], end
+                )
                 segs.append(seg)
                 block_segs.append(seg)
             # The block's reads, right after its surprises while their tensors are in cache.
@@ -162,6 +154,29 @@ def chunk_forward(
             blocks[-1].update(stacked=stacked, saved=saved)
     saved_all = {"groups": parts, "gates": gates, "coefs": coefs, "segs": segs, "blocks": blocks}
     return _cat_time(outputs), w_cur, s_cur, segs[-1]["w0"], saved_all
+
+
+def _segment_forward(
+    opts: Any,
+    surprise_grad: str | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    at: Weights,
+    end: dict[str, torch.Tensor | None],
+) -> dict[str, Any]:
+    """One segment's surprise at the weights ``at``: its ``deltas`` and map ``inputs`` and what
+    the backward needs of it (``graph`` of autograd's surprise or ``aux`` of the manual one)."""
+    seg: dict[str, Any] = {"end": end, "at": at, "v": v}
+    if surprise_grad == "graph":
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (k, v, *at)]
+            graph = surprise(leaves[2:], leaves[0], leaves[1], opts)
+        seg["graph"] = (leaves, *graph)
+        seg["deltas"] = [d.detach() for d in graph[0]]
+        seg["inputs"] = [u.detach() for u in graph[1]]
+    else:
+        seg["deltas"], seg["inputs"], seg["aux"] = surprise_saving(at, k, v, opts)
+    return seg
 
 
 # Reads are batched over blocks of consecutive segments whose largest per-token tensor holds at

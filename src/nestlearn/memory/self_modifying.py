@@ -235,7 +235,7 @@ def _others_segment(
             [F.pad(_target_input(n, tokens["v"], options), (0, lay.out - o)) for n, o in pads]
         )
     gates = (tokens["eta"], mu, tokens["alpha"])
-    w, s = bank.segment_from_gates(
+    w, s = bank.segment(
         lay, w, s, wc, tokens["k"], tokens["v"], targets, gates, opts, fused=options.fused_bank
     )
     return tokens, w, s
