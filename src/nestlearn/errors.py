@@ -35,6 +35,15 @@ class SequenceTooLongError(NestlearnError):
     """An input is longer than the model's ``max_seq_len``."""
 
 
+class RunLockedError(NestlearnError):
+    """Another live process trains in the run folder (``RUN/.lock``); the message names it."""
+
+
+class NestlearnWarning(UserWarning):
+    """Something the user should know that does not stop the command (e.g. a corrupt newer
+    checkpoint was skipped); the CLI prints it as one ``warning:`` line."""
+
+
 class MissingDependencyError(NestlearnError):
     """An optional package is needed; the message carries the ``pip install`` line."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -63,3 +64,42 @@ def test_short_demo_reports_every_architecture_in_one_table(tmp_path):
     for name in ("transformer", "gated_deltanet", "hope"):
         assert f"| {name} | {name} |" in summary
         assert (out / name / "sample.txt").is_file()
+
+
+def test_a_failed_run_is_marked_failed_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    """A non-finite loss in one run, a setting the data refuses in another: the third trains, the
+    report lists all three, and the exit status says that something failed."""
+    from nestlearn.train import Trainer
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "runs:\n  - {name: a, config: debug}\n"
+        "  - {name: b, config: debug, overrides: {model.vocab_size: 100}}\n"
+        "  - {name: c, config: debug}\n"
+    )
+    original = Trainer.train_step
+
+    def diverges(self):
+        if self.cfg.name == "a" and self.step == 1:
+            raise self._non_finite("the training loss", float("nan"))
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", diverges)
+    out = tmp_path / "demo"
+    assert main(["demo", "--spec", str(spec), "--out", str(out), *FAST]) == 1
+    assert "2 of 3 runs failed (a, b)" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["run"]: r for r in results["runs"]}
+    assert [r["status"] for r in results["runs"]] == ["failed", "failed", "finished"]
+    assert results["failed"] == ["a", "b"]
+    assert runs["a"]["error"].startswith("NonFiniteLossError: the training loss became nan")
+    assert runs["a"]["steps"] == 1 and runs["b"]["error"].startswith(
+        "ConfigError: model.vocab_size"
+    )
+    assert runs["c"]["complete"] and runs["c"]["val"]["ppl"] > 1
+    assert runs["c"]["time_per_token_ratio"] == 1.0  # the first run that finished is the reference
+    summary = (out / "summary.md").read_text()
+    assert re.search(r"\| a \| transformer \| [\d,]+ \| failed after 1 step \(NonFinite", summary)
+    assert "failed after 0 steps (ConfigError)" in summary and "unigram" in summary
+    assert "## Failed runs" in summary and "time/token vs c" in summary
+    assert (out / "c" / "sample.txt").is_file() and not (out / "a" / "sample.txt").exists()

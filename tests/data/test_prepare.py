@@ -19,6 +19,7 @@ from nestlearn.data import (
 )
 from nestlearn.data import prepare as prepare_module
 from nestlearn.data.cache import cache_root
+from nestlearn.errors import NestlearnWarning
 
 
 @pytest.fixture
@@ -99,18 +100,20 @@ def test_an_incomplete_entry_is_rebuilt(corpus_cfg, calls):
     (entry / "meta.json").unlink()
     assert np.array_equal(prepare_data(corpus_cfg, progress=False).train, first.train)
     assert calls["prepare_text"] == 4
-    # A torn array (not possible with atomic writes, but a disk can lie) is caught by its shape.
+    # A torn array (not possible with atomic writes, but a disk can lie) is named and rebuilt.
     (entry / "train.npy").write_bytes((entry / "train.npy").read_bytes()[:-10])
-    assert np.array_equal(prepare_data(corpus_cfg, progress=False).train, first.train)
+    with pytest.warns(NestlearnWarning, match=r"train\.npy cannot be read .*; rebuilding it"):
+        assert np.array_equal(prepare_data(corpus_cfg, progress=False).train, first.train)
     assert calls["prepare_text"] == 6
 
 
 def test_a_damaged_cached_tokenizer_is_retrained(corpus_cfg, calls):
     bpe_cfg = DataConfig(**{**vars(corpus_cfg), "tokenizer": "bpe", "vocab_size": 300})
     first = prepare_data(bpe_cfg, progress=False)
-    (path,) = (cache_root(bpe_cfg) / "tokenizers").iterdir()
+    (path,) = (cache_root(bpe_cfg) / "tokenizers").glob("*.json")
     path.write_text("{broken")
-    second = prepare_data(bpe_cfg, progress=False)
+    with pytest.warns(NestlearnWarning, match=f"cached tokenizer {path} is corrupt"):
+        second = prepare_data(bpe_cfg, progress=False)
     assert calls["build_tokenizer"] == 2
     assert second.tokenizer.fingerprint() == first.tokenizer.fingerprint()
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory.matrix import matrix_memory_chunk, matrix_memory_reference
+from nestlearn.memory.matrix import (
+    matrix_memory_chunk,
+    matrix_memory_reference,
+    matrix_memory_step,
+)
 from nestlearn.memory.matrix_chunk import _DeltaScan, _unit_lower_inverse, _ut_transform
 
 
@@ -117,3 +123,87 @@ def test_float32_decayed_dot_scan_does_not_lose_digits_over_a_long_sequence():
     )
     torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=5e-5)
     torch.testing.assert_close(s.double(), s_ref, rtol=0, atol=5e-5)
+
+
+def _forgetting_inputs(objective, seed=3, B=2, H=2, T=13, D=3):
+    """float64 inputs whose gates forget everything (α = 0, log α = −inf) at some tokens: at a
+    chunk start and end (chunk 4), twice in a row, inside a chunk, and on every token of one
+    head, mixed with finite gates."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    k = F.normalize(k, dim=-1)
+    log_alpha = -torch.rand(B, H, T, generator=gen, dtype=torch.float64)
+    log_alpha[0, 0, [0, 3, 4, 9]] = -math.inf
+    log_alpha[0, 1, [6, 7]] = -math.inf
+    log_alpha[1, 0] = -math.inf
+    beta = torch.rand(B, H, T, generator=gen, dtype=torch.float64)
+    state = torch.randn(B, H, D, D, generator=gen, dtype=torch.float64)
+    return q, k, v, log_alpha, beta, state
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 64])
+@pytest.mark.parametrize("objective", ["dot", "l2"])
+def test_full_forgetting_gates_match_the_reference_with_their_gradients(objective, chunk_size):
+    # log α = −inf used to give −inf − (−inf) = nan inside the chunk form
+    inputs = [x.requires_grad_() for x in _forgetting_inputs(objective)]
+    q, k, v, log_alpha, beta, state = inputs
+    kwargs = dict(log_alpha=log_alpha, beta=beta, objective=objective, initial_state=state)
+    kwargs.update(scale=0.7, output_final_state=True)
+    o, s = matrix_memory_chunk(q, k, v, chunk_size=chunk_size, **kwargs)
+    o_ref, s_ref = matrix_memory_reference(q, k, v, **kwargs)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(o), torch.randn_like(s)
+    loss = (o * weights[0]).sum() + (s * weights[1]).sum()
+    loss_ref = (o_ref * weights[0]).sum() + (s_ref * weights[1]).sum()
+    grads = torch.autograd.grad(loss, inputs)
+    grads_ref = torch.autograd.grad(loss_ref, inputs)
+    names = ["q", "k", "v", "log_alpha", "beta", "state"]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=name)
+    assert (grads[3][log_alpha.detach().isinf()] == 0).all()  # ∂/∂log α = α (…) = 0
+
+
+@pytest.mark.parametrize("objective", ["dot", "l2"])
+def test_full_forgetting_chunk_form_is_twice_differentiable_in_the_finite_inputs(objective):
+    q, k, v, log_alpha, beta, state = (x[:1, :, :9] for x in _forgetting_inputs(objective))
+    state = state[:1]
+    forget = log_alpha.isinf()
+    finite = log_alpha.masked_fill(forget, -0.5)
+    leaves = [x.requires_grad_() for x in (q, k, v, beta, state, finite)]
+
+    def run(q, k, v, beta, state, finite_log_alpha):
+        log_alpha = finite_log_alpha.masked_fill(forget, -math.inf)
+        kwargs = dict(log_alpha=log_alpha, beta=beta, objective=objective, initial_state=state)
+        return matrix_memory_chunk(q, k, v, chunk_size=4, output_final_state=True, **kwargs)
+
+    assert torch.autograd.gradcheck(run, leaves)
+    assert torch.autograd.gradgradcheck(run, leaves)
+
+
+def test_gates_whose_exp_underflows_forget_as_in_the_reference():
+    # float32 exp(−200) = 0: the reference forgets exactly there, and so must the chunk form,
+    # without summing such gates (two of −3e38 overflow to −inf)
+    q, k, v, log_alpha, beta, state = (x.float() for x in _forgetting_inputs("l2"))
+    log_alpha = log_alpha.clamp(min=-3e38)
+    log_alpha[1, 1, 2:5] = -200.0
+    for objective in ("dot", "l2"):
+        kwargs = dict(log_alpha=log_alpha, beta=beta, objective=objective, initial_state=state)
+        o, s = matrix_memory_chunk(q, k, v, chunk_size=4, output_final_state=True, **kwargs)
+        o_ref, s_ref = matrix_memory_reference(q, k, v, output_final_state=True, **kwargs)
+        torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["dot", "l2"])
+def test_one_token_step_with_full_forgetting_drops_the_state(objective):
+    q, k, v, _, beta, state = _forgetting_inputs(objective)
+    q, k, v, beta = (x[:, :, 0] for x in (q, k, v, beta))
+    log_alpha = torch.full_like(beta, -math.inf)
+    kwargs = dict(log_alpha=log_alpha, beta=beta, objective=objective)
+    o, s = matrix_memory_step(q, k, v, state=state, **kwargs)
+    o_fresh, s_fresh = matrix_memory_step(q, k, v, state=None, **kwargs)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    torch.testing.assert_close(o, o_fresh, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, s_fresh, rtol=1e-12, atol=1e-12)

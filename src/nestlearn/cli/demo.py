@@ -6,7 +6,12 @@ on the same data (the Python standard library's source by default) and the same 
 they differ) and writes ``runs/demo/``: ``summary.md`` (one results table, the unigram
 baseline, samples), ``loss.png`` (all curves), ``metrics.jsonl`` and ``results.json``, and one
 folder per run with its checkpoint, metrics, curve and ``sample.txt``. The demo owns its output
-folder: each run's folder is recreated.
+folder: each run's folder is emptied first (refused while another process trains in it).
+
+A run that fails (a non-finite loss, a bad setting, a bug) does not stop the demo: it is marked
+failed in the table, its error is listed under "Failed runs" and in ``results.json``, and the
+other runs go on. The command then exits with status 1 (after writing the report); 0 means every
+run finished.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +32,12 @@ from nestlearn.config import load_config, parse_overrides
 from nestlearn.config.loader import find_config, read_yaml
 from nestlearn.config.schema import RunConfig
 from nestlearn.data import prepare_data
-from nestlearn.errors import ConfigError
+from nestlearn.errors import ConfigError, NestlearnError
+from nestlearn.models.summary import count_parameters
 from nestlearn.train import Trainer, TrainResult
 from nestlearn.train.metrics import read_metrics
 from nestlearn.train.report import markdown_table, plot_losses, write_markdown
+from nestlearn.train.run_lock import RunLock
 from nestlearn.utils.io import atomic_write_text
 
 
@@ -90,9 +100,35 @@ def _stream_text(stream: tuple[int, int, int, int, int]) -> str:
     return f"{steps} steps x {accum} x {batch} x {seq} tokens, seed {seed}"
 
 
+@dataclass
+class DemoRun:
+    """One run of the demo: its result, or why it failed (and how far it got)."""
+
+    cfg: RunConfig
+    result: TrainResult | None = None  # None: the run failed
+    sample: str = ""
+    error: str = ""  # "ErrorClass: message" of a failed run
+    step: int = 0  # steps done
+    n_params: int | None = None
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    unigram_eval: dict[str, float] | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
 def run(args: argparse.Namespace) -> int:
     spec = load_demo_spec(args.spec)
     out = Path(args.out or spec.get("out_dir", "runs/demo"))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"the demo's output folder {out} is a file; pass --out with a folder")
     configs = demo_configs(spec, out, args.overrides)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -107,21 +143,89 @@ def run(args: argparse.Namespace) -> int:
         f"{len(configs)} runs ({', '.join(c.model.name for c in configs)}), each on the same "
         f"{steps * accum * batch * seq:,} training tokens"
     )
-    results: list[tuple[RunConfig, TrainResult, str]] = []
+    runs: list[DemoRun] = []
     for cfg in configs:
-        shutil.rmtree(cfg.train.out_dir, ignore_errors=True)
         print(f"\n== {cfg.name}: {cfg.model.name}, {cfg.train.steps} steps ==")
-        trainer = Trainer(cfg, corpus=corpus)
-        result = trainer.fit()
-        sample = _sample(trainer)
-        atomic_write_text(Path(cfg.train.out_dir) / "sample.txt", sample + "\n")
-        print(f"-- sample --\n{sample}\n")
-        results.append((trainer.cfg, result, sample))
-        if result.interrupted:
+        done = _train_one(cfg, corpus)
+        runs.append(done)
+        if done.result is not None and done.result.interrupted:
             break
-    _write_demo_report(out, results, corpus, time.perf_counter() - started)
+    _write_demo_report(out, runs, corpus, time.perf_counter() - started)
     print((out / "summary.md").read_text())
+    failed = [r.cfg.name for r in runs if r.failed]
+    if failed:
+        print(
+            f"nestlearn demo: {len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); "
+            f"the others are reported in {out / 'summary.md'}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _train_one(cfg: RunConfig, corpus) -> DemoRun:
+    """Train one run into its (emptied) folder; a failure is recorded, not raised, so the demo
+    goes on with the other runs. Only errors of nestlearn's own kind print without traceback."""
+    trainer: Trainer | None = None
+    lock: RunLock | None = None
+    try:
+        lock = RunLock(cfg.train.out_dir).acquire()  # not a folder another process trains in
+        _empty_folder(Path(cfg.train.out_dir), keep=lock.path)
+        trainer = Trainer(cfg, corpus=corpus, _lock=lock)
+        result = trainer.fit()  # lets go of the folder when done
+    except Exception as exc:
+        if lock is not None:
+            lock.release()
+        if not isinstance(exc, NestlearnError):
+            traceback.print_exc()
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"nestlearn demo: run {cfg.name} failed: {error}", file=sys.stderr)
+        return _failed_run(cfg, trainer, error)
+    sample = _sample(trainer)
+    atomic_write_text(Path(cfg.train.out_dir) / "sample.txt", sample + "\n")
+    print(f"-- sample --\n{sample}\n")
+    return DemoRun(
+        trainer.cfg,
+        result,
+        sample,
+        step=result.step,
+        n_params=result.n_params,
+        tokens_seen=result.tokens_seen,
+        train_seconds=result.train_seconds,
+        unigram_eval=result.unigram_eval,
+        checkpoint=result.checkpoint,
+    )
+
+
+def _failed_run(cfg: RunConfig, trainer: Trainer | None, error: str) -> DemoRun:
+    if trainer is None:  # failed before its model was built
+        return DemoRun(cfg, error=error)
+    trainer.close()
+    try:
+        unigram = trainer.unigram_baseline()
+    except Exception:  # the report goes on without it
+        unigram = None
+    return DemoRun(
+        trainer.cfg,
+        error=error,
+        step=trainer.step,
+        n_params=count_parameters(trainer.model),
+        tokens_seen=trainer.tokens_seen,
+        train_seconds=trainer.train_seconds,
+        unigram_eval=unigram,
+        checkpoint=trainer.last_checkpoint,
+    )
+
+
+def _empty_folder(folder: Path, keep: Path) -> None:
+    """The demo owns its runs' folders: clear one for a fresh run (its lock file stays)."""
+    for entry in folder.iterdir():
+        if entry == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _sample(trainer: Trainer) -> str:
@@ -137,60 +241,84 @@ def _sample(trainer: Trainer) -> str:
     )
 
 
-def _write_demo_report(out: Path, results, corpus, wall_seconds: float) -> None:
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
+def _status(run: DemoRun, budget_tokens: int) -> str:
+    if run.result is None:
+        return "failed"
+    if run.result.interrupted:
+        return "interrupted"
+    return "finished" if run.tokens_seen == budget_tokens else "stopped early"
+
+
+def _write_demo_report(out: Path, runs: list[DemoRun], corpus, wall_seconds: float) -> None:
     curves, lines, table, records = {}, [], [], []
-    ref_name, ref = results[0][0].name, results[0][1].tokens_per_s
-    budget = token_stream(results[0][0])
+    budget = token_stream(runs[0].cfg)
     budget_tokens = budget[0] * budget[1] * budget[2] * budget[3]
-    for cfg, result, _ in results:
+    timed = [r for r in runs if not r.failed and r.tokens_per_s > 0]
+    ref_name, ref = (timed[0].cfg.name, timed[0].tokens_per_s) if timed else ("-", 0.0)
+    for run in runs:
+        cfg, result = run.cfg, run.result
         metrics = read_metrics(Path(cfg.train.out_dir) / "metrics.jsonl")
         curves[cfg.name] = metrics
         lines += [json.dumps({"run": cfg.name, **m}) for m in metrics]
-        ev = result.final_eval
-        complete = result.tokens_seen == budget_tokens
+        ev = result.final_eval if result is not None else {}
+        status = _status(run, budget_tokens)
+        ratio = ref / run.tokens_per_s if ref and run.tokens_per_s > 0 else None
+        if run.failed:
+            tokens: object = f"failed after {_steps(run.step)} ({run.error.split(':')[0]})"
+        elif status == "finished":
+            tokens = run.tokens_seen
+        else:
+            tokens = f"{run.tokens_seen:,} (stopped early)"
         table.append(
             [
                 cfg.name,
                 cfg.model.name,
-                result.n_params,
-                result.tokens_seen if complete else f"{result.tokens_seen:,} (stopped early)",
-                ev.get("ppl", float("nan")),
-                ev.get("bpb", float("nan")),
-                result.tokens_per_s,
-                f"{ref / max(result.tokens_per_s, 1e-9):.2f}x",
-                result.train_seconds,
+                run.n_params if run.n_params is not None else "-",
+                tokens,
+                ev.get("ppl", "-" if run.failed else float("nan")),
+                ev.get("bpb", "-" if run.failed else float("nan")),
+                run.tokens_per_s if run.tokens_per_s > 0 else "-",
+                f"{ratio:.2f}x" if ratio is not None else "-",
+                run.train_seconds if run.train_seconds > 0 else "-",
             ]
         )
         records.append(
             {
                 "run": cfg.name,
                 "model": cfg.model.name,
-                "params": result.n_params,
-                "steps": result.step,
-                "tokens": result.tokens_seen,
-                "complete": complete,
+                "status": status,
+                "error": run.error or None,
+                "params": run.n_params,
+                "steps": run.step,
+                "tokens": run.tokens_seen,
+                "complete": status == "finished",
                 "val": ev,
-                "tokens_per_s": result.tokens_per_s,
-                "time_per_token_ratio": ref / max(result.tokens_per_s, 1e-9),
-                "train_seconds": result.train_seconds,
-                "checkpoint": str(result.checkpoint),
-                "interrupted": result.interrupted,
+                "tokens_per_s": run.tokens_per_s,
+                "time_per_token_ratio": ratio,
+                "train_seconds": run.train_seconds,
+                "checkpoint": str(run.checkpoint) if run.checkpoint else None,
+                "interrupted": status == "interrupted",
             }
         )
-    uni = results[0][1].unigram_eval
-    table.append(
-        [
-            "unigram (add-one)",
-            "-",
-            results[0][0].model.vocab_size,
-            corpus.train.size,
-            uni["ppl"],
-            uni["bpb"],
-            "-",
-            "-",
-            "-",
-        ]
-    )
+    uni = next((r.unigram_eval for r in runs if r.unigram_eval), None)
+    if uni is not None:
+        table.append(
+            [
+                "unigram (add-one)",
+                "-",
+                corpus.tokenizer.vocab_size,
+                corpus.train.size,
+                uni["ppl"],
+                uni["bpb"],
+                "-",
+                "-",
+                "-",
+            ]
+        )
     machine = {
         "threads": torch_threads(),
         "cpus": os.cpu_count(),
@@ -203,8 +331,9 @@ def _write_demo_report(out: Path, results, corpus, wall_seconds: float) -> None:
         json.dumps(
             {
                 "runs": records,
+                "failed": [r.cfg.name for r in runs if r.failed],
                 "unigram": uni,
-                "val_tokens": int(uni["tokens"]),
+                "val_tokens": int(uni["tokens"]) if uni else None,
                 "budget_tokens": budget_tokens,
                 "machine": machine,
             },
@@ -224,24 +353,44 @@ def _write_demo_report(out: Path, results, corpus, wall_seconds: float) -> None:
         f"time/token vs {ref_name}",
         "train s",
     ]
-    samples = "\n".join(f"### {cfg.name}\n\n```text\n{sample}\n```\n" for cfg, _, sample in results)
+    samples = "\n".join(
+        f"### {r.cfg.name}\n\n```text\n{r.sample}\n```\n" for r in runs if not r.failed
+    )
+    failures = "".join(
+        f"- **{r.cfg.name}** (`{r.cfg.model.name}`), after {_steps(r.step)}: {r.error}\n"
+        for r in runs
+        if r.failed
+    )
+    if failures:
+        failures = (
+            "\n## Failed runs\n\nThese runs stopped with an error (the table shows how far "
+            "they got); the demo went on with the others.\n\n" + failures
+        )
+    validation = (
+        f"Validation on {int(uni['tokens']):,} held-out tokens; the unigram row is a "
+        "bag-of-tokens model fitted on the training split, the floor every model must beat. "
+        if uni
+        else ""
+    )
     load = machine["load_average"]
     write_markdown(
         out / "summary.md",
         "# nestlearn demo\n\n"
-        f"Corpus `{results[0][0].data.source}`: {corpus.train_docs:,} training / "
+        f"Corpus `{runs[0].cfg.data.source}`: {corpus.train_docs:,} training / "
         f"{corpus.val_docs:,} held-out documents (split by file), tokenizer "
         f"`{corpus.tokenizer.kind}` ({corpus.tokenizer.vocab_size:,} tokens). Every run trains "
-        f"on the same {budget_tokens:,} tokens (same batches, in the same order). Validation on "
-        f"{int(uni['tokens']):,} held-out tokens; the unigram row is a bag-of-tokens model fitted "
-        "on the training split, the floor every model must beat. `time/token` is the run's "
-        "training time per token relative to the first run's (training throughput on this "
-        "machine, not a property of the architecture alone).\n\n"
+        f"on the same {budget_tokens:,} tokens (same batches, in the same order). "
+        + validation
+        + f"`time/token` is the run's training time per token relative to {ref_name}'s (the "
+        "first run that finished; training throughput on this machine, not a property of the "
+        "architecture alone).\n\n"
         + markdown_table(headers, table)
         + f"\nDemo wall-clock (data preparation included): {wall_seconds / 60:.1f} min on "
         f"{machine['cpus']} CPUs, torch threads: {machine['threads']}"
         + (f", load average {load[0]:.1f} at the end" if load else "")
-        + ".\n\n![loss curves](loss.png)\n\n## Samples\n\n"
+        + ".\n"
+        + failures
+        + "\n![loss curves](loss.png)\n\n## Samples\n\n"
         + samples,
     )
 

@@ -1,4 +1,9 @@
-"""``nestlearn generate CHECKPOINT [--prompt TEXT] [sample.key=value ...]``: streamed sampling."""
+"""``nestlearn generate CHECKPOINT [--prompt TEXT] [sample.key=value ...]``: streamed sampling.
+
+A prompt that is not valid UTF-8 (bytes from the shell, which Python keeps in ``sys.argv`` as
+surrogate escapes) is encoded byte for byte by a byte tokenizer, whose ids are bytes; a BPE
+tokenizer encodes text only, so there it is refused with a one-line error.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,30 @@ import torch
 
 from nestlearn.config import replace as replace_cfg
 from nestlearn.config.loader import parse_overrides
-from nestlearn.errors import ConfigError
+from nestlearn.data.tokenizer import Tokenizer
+from nestlearn.errors import ConfigError, SequenceTooLongError
 from nestlearn.models.sampling import generate
 from nestlearn.train.checkpoint import load_model
 from nestlearn.train.runtime import resolve_device
 
 
+def _count(text: str) -> int:
+    """argparse type of ``--max-new-tokens``: an int ``>= 0``."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_parser(sub, name: str) -> None:
     parser = sub.add_parser(name, help="sample text from a checkpoint", description=__doc__)
     parser.add_argument("checkpoint", help="run folder (newest valid checkpoint) or step folder")
-    parser.add_argument("--prompt", help="text to continue (default: sample.prompt)")
-    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument(
+        "--prompt",
+        help="text to continue (default: sample.prompt); bytes that are not UTF-8 are kept as "
+        "bytes by a byte tokenizer and refused by a BPE one",
+    )
+    parser.add_argument("--max-new-tokens", type=_count)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -36,11 +54,17 @@ def stream_text(model, tokenizer, cfg, device, out=None) -> str:
     """
     out = out or sys.stdout
     sc = cfg.sample
-    prompt_ids = tokenizer.encode(sc.prompt) if sc.prompt else [tokenizer.eos_id]
+    prompt, prompt_ids = encode_prompt(tokenizer, sc.prompt)
+    limit = model.context_limit
+    if limit is not None and len(prompt_ids) > limit:
+        raise SequenceTooLongError(
+            f"the prompt is {len(prompt_ids)} tokens, more than the model's context of {limit} "
+            f"(model.max_seq_len); shorten --prompt"
+        )
     generator = torch.Generator(device=device).manual_seed(sc.seed)
     new_ids: list[int] = []
     shown = 0
-    out.write(sc.prompt)
+    out.write(prompt)
     for token in generate(
         model,
         prompt_ids,
@@ -62,7 +86,36 @@ def stream_text(model, tokenizer, cfg, device, out=None) -> str:
     text = tokenizer.decode(new_ids)
     out.write(text[shown:] + "\n")
     out.flush()
-    return sc.prompt + text
+    return prompt + text
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> tuple[str, list[int]]:
+    """The prompt as it is shown and its ids (``[eos]`` for an empty prompt).
+
+    Bytes that are not UTF-8 reach Python as surrogate escapes (``'\\udcff'`` for byte 0xff);
+    a byte tokenizer takes them back as the original bytes (shown as U+FFFD), a BPE tokenizer
+    cannot encode them and the prompt is refused naming the byte.
+    """
+    try:
+        data = prompt.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"the prompt has a character that is not text ({prompt[exc.start]!r} at position "
+            f"{exc.start}); pass UTF-8 text"
+        ) from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if tokenizer.kind != "byte":
+            raise ConfigError(
+                f"the prompt is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+                f"{exc.start}) and this model's {tokenizer.kind} tokenizer encodes text only; "
+                "pass UTF-8 text"
+            ) from None
+    if not data:
+        return "", [tokenizer.eos_id]
+    ids = list(data) if tokenizer.kind == "byte" else tokenizer.encode(prompt)
+    return data.decode("utf-8", errors="replace"), ids
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,14 +1,18 @@
 """``nestlearn``: train, eval, generate, info, demo, bench, experiment, report, convert.
 
 Every command takes an optional named config (or YAML path) and ``section.key=value`` overrides.
-User errors (:class:`~nestlearn.errors.NestlearnError`) print one line and exit with status 2.
+User errors (:class:`~nestlearn.errors.NestlearnError`) print one line and exit with status 2;
+a closed output pipe (``| head``) ends the command quietly with status 141 (128 + SIGPIPE).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from nestlearn import __version__
 from nestlearn.cli import (
@@ -22,7 +26,7 @@ from nestlearn.cli import (
     report,
     train,
 )
-from nestlearn.errors import NestlearnError
+from nestlearn.errors import NestlearnError, NestlearnWarning
 
 COMMANDS = {
     "train": train,
@@ -49,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Print a :class:`NestlearnWarning` as ``nestlearn CMD: warning: ...`` (no source line)."""
+    previous = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, NestlearnWarning):
+            return f"nestlearn {command}: warning: {message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may follow options (`eval RUN --source X eval.max_tokens=0`): argparse leaves
@@ -60,13 +81,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         args.overrides = [*args.overrides, *rest]
     try:
-        return int(COMMANDS[args.command].run(args) or 0)
+        with one_line_warnings(args.command):
+            status = int(COMMANDS[args.command].run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
     except NestlearnError as exc:
         print(f"nestlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nestlearn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`nestlearn generate RUN | head`): stop quietly, as a process killed
+        # by SIGPIPE would.
+        _discard_stdout()
+        return 128 + 13
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that Python's flush at exit cannot raise
+    BrokenPipeError again (the recipe of Python's signal module documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (a test's capture)
+        pass
 
 
 if __name__ == "__main__":

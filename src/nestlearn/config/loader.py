@@ -7,8 +7,10 @@ type names the expected one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -42,7 +44,7 @@ def find_config(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     raise ConfigError(
-        f"no config named '{name_or_path}'; named configs: {', '.join(named_configs())} "
+        f"no config named {_quote(name_or_path)}; named configs: {', '.join(named_configs())} "
         "(or give a path to a .yaml file)"
     )
 
@@ -94,7 +96,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+            raise ConfigError(f"override {_quote(item)} is not of the form section.key=value")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -103,15 +105,21 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if len(parts) == 1:
             if parts[0] != "name":
                 raise ConfigError(
-                    f"override '{item}' needs a section: one of {', '.join(SECTIONS)} "
-                    f"(e.g. train.{parts[0]}=...)"
+                    f"override {_quote(item)} needs a section: one of {', '.join(SECTIONS)} "
+                    f"(e.g. train.{parts[0] if parts[0].isprintable() else 'steps'}=...)"
                 )
             nested["name"] = value
             continue
         if len(parts) != 2:
-            raise ConfigError(f"override '{item}': keys are section.key, got '{key}'")
+            raise ConfigError(f"override {_quote(item)}: keys are section.key, got {_quote(key)}")
         nested.setdefault(parts[0], {})[parts[1]] = value
     return nested
+
+
+def _quote(text: str) -> str:
+    """``'text'`` as typed, or its escaped ``repr`` when it holds a line break or another
+    character that would not show (errors are one line)."""
+    return f"'{text}'" if text.isprintable() else repr(text)
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,7 +136,7 @@ def _unknown(kind: str, key: str, valid: Iterable[str]) -> ConfigError:
     valid = sorted(valid)
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown {kind} '{key}'{hint}; valid: {', '.join(valid)}")
+    return ConfigError(f"unknown {kind} {_quote(key)}{hint}; valid: {', '.join(valid)}")
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
@@ -158,23 +166,29 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
     elif hint is int:
+        number = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = int(value.replace("_", ""))
+        if number is not None:
+            if not -(2**63) <= number < 2**63:  # torch and numpy take 64-bit integers
+                raise ConfigError(f"{where}: {number} is out of range (a 64-bit integer)")
+            return number
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):  # no setting means nan or inf (0 means "off")
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -257,6 +271,32 @@ def replace(cfg: RunConfig, overrides: Iterable[str] | Mapping[str, Any]) -> Run
     return from_dict(_merge(to_dict(cfg), extra))
 
 
+# Every integer of a model config is a size or a count (widths, layers, heads, tokens; 0 means
+# "default" or "off"). Sizes that shape tensors are at most _MAX_SIZE, so that products of two
+# of them cannot overflow; chunk lengths only count tokens and may be "longer than any sequence".
+_MAX_SIZE = 2**24
+_CHUNK_LENGTHS = {"chunk_size", "other_chunk_size", "cms_chunk_sizes"}
+
+
+def _validate_model_sizes(model: ModelConfig) -> None:
+    """No model size is negative or (but chunk lengths) above ``_MAX_SIZE``; the shared floats
+    are checked too. The architecture checks its own stricter ranges when it is built."""
+    hints = typing.get_type_hints(type(model))
+    for f in dataclasses.fields(model):
+        if hints[f.name] not in (int, list[int]):
+            continue
+        value = getattr(model, f.name)
+        values = value if hints[f.name] == list[int] else [value]
+        if any(v < 0 for v in values):
+            raise ConfigError(f"model.{f.name}={value} must be >= 0")
+        if f.name not in _CHUNK_LENGTHS and any(v > _MAX_SIZE for v in values):
+            raise ConfigError(f"model.{f.name}={value} is too large (at most {_MAX_SIZE:,})")
+    if not model.norm_eps > 0:
+        raise ConfigError(f"model.norm_eps={model.norm_eps} must be > 0")
+    if model.init_std < 0:
+        raise ConfigError(f"model.init_std={model.init_std} must be >= 0")
+
+
 _CHOICES = {
     ("data", "tokenizer"): ("bpe", "byte"),
     ("optim", "name"): (
@@ -297,6 +337,7 @@ _POSITIVE = {
 
 def validate(cfg: RunConfig) -> None:
     """Range and choice checks that types alone cannot express."""
+    _validate_model_sizes(cfg.model)
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
@@ -361,3 +402,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"sample.top_p={cfg.sample.top_p} must be in (0, 1]")
     if cfg.sample.temperature < 0:
         raise ConfigError(f"sample.temperature={cfg.sample.temperature} must be >= 0")
+    for key in ("max_new_tokens", "top_k"):
+        if getattr(cfg.sample, key) < 0:
+            raise ConfigError(f"sample.{key}={getattr(cfg.sample, key)} must be >= 0")

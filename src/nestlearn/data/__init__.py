@@ -11,6 +11,7 @@ from nestlearn.data.corpus import (
     read_documents,
     split_documents,
 )
+from nestlearn.data.fingerprint import check_resume_data, data_fingerprint, describe_data_change
 from nestlearn.data.hf import read_hf_documents
 from nestlearn.data.prepare import TokenizedCorpus, prepare_data, prepare_text, stream_dtype
 from nestlearn.data.tokenizer import (
@@ -31,7 +32,10 @@ __all__ = [
     "Tokenizer",
     "build_tokenizer",
     "cap_bytes",
+    "check_resume_data",
     "corpus_fingerprint",
+    "data_fingerprint",
+    "describe_data_change",
     "eval_batches",
     "load_tokenizer",
     "prepare_data",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from functools import cached_property
@@ -126,8 +127,19 @@ class BPETokenizer(Tokenizer):
         tok.encode_special_tokens = True
 
     @classmethod
-    def train(cls, docs: Sequence[Document], vocab_size: int, max_bytes: int, seed: int):
-        """Train on ``docs``, fed up to ``max_bytes`` bytes in a fixed hashed order."""
+    def train(
+        cls,
+        docs: Sequence[Document],
+        vocab_size: int,
+        max_bytes: int,
+        seed: int,
+        progress: bool = False,
+    ):
+        """Train on ``docs``, fed up to ``max_bytes`` bytes in a fixed hashed order.
+
+        ``progress`` shows the `tokenizers` library's own progress bars on stderr when it is a
+        terminal (they would only fill a log file with control codes otherwise).
+        """
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -143,7 +155,7 @@ class BPETokenizer(Tokenizer):
             vocab_size=vocab_size,
             special_tokens=[EOS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=progress and sys.stderr.isatty(),
         )
         texts = [d.text for d in cap_bytes(docs, max_bytes, seed)]
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
@@ -177,12 +189,16 @@ class BPETokenizer(Tokenizer):
         return self._json
 
 
-def build_tokenizer(cfg: DataConfig, train_docs: Sequence[Document]) -> Tokenizer:
+def build_tokenizer(
+    cfg: DataConfig, train_docs: Sequence[Document], progress: bool = False
+) -> Tokenizer:
     """The tokenizer ``cfg.tokenizer`` names: bytes, or a BPE trained on ``train_docs``."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer == "bpe":
-        return BPETokenizer.train(train_docs, cfg.vocab_size, cfg.bpe_train_bytes, cfg.split_seed)
+        return BPETokenizer.train(
+            train_docs, cfg.vocab_size, cfg.bpe_train_bytes, cfg.split_seed, progress=progress
+        )
     raise DataError(f"unknown data.tokenizer '{cfg.tokenizer}': use 'bpe' or 'byte'")
 
 

@@ -46,6 +46,8 @@ from nestlearn.memory.cms import (
 )
 
 State = dict[str, torch.Tensor]
+# on_level(level, input, output, state) of ContinuumMemory.forward
+LevelHook = Callable[[int, torch.Tensor, torch.Tensor, State | None], None]
 VARIANTS = ("sequential", "nested", "independent")
 OBJECTIVES = ("local", "teach")
 MODES = ("chunk", "reference")
@@ -223,10 +225,17 @@ class ContinuumMemory(nn.Module):
         return state
 
     def forward(
-        self, x: torch.Tensor, state: State | None = None, teacher: Teacher | None = None
+        self,
+        x: torch.Tensor,
+        state: State | None = None,
+        teacher: Teacher | None = None,
+        on_level: LevelHook | None = None,
     ) -> tuple[torch.Tensor, State | None]:
         """The residual update for ``x [B, T, d]``; with a state, continue from it and return
-        the new one. ``teacher`` is required by the ``teach`` objective."""
+        the new one. ``teacher`` is required by the ``teach`` objective. ``on_level(l, h, y,
+        state)`` is called after each level with its input ``h [B, T, d]`` (before the level's
+        norm), output ``y`` and new state (``None`` without a state), e.g. to check them
+        (``model.check_finite``)."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected [B, T, {self.d_model}], got {list(x.shape)}")
         if self.objective == "teach":
@@ -259,6 +268,8 @@ class ContinuumMemory(nn.Module):
                 activation=self.activation,
                 **extra,
             )
+            if on_level is not None:
+                on_level(i, base, y, sub)
             y = y * scale if agg is not None else y
             total = y if total is None else total + y
             h = h + y if agg is None else h

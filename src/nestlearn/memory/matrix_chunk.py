@@ -69,15 +69,9 @@ def chunk_forward(
         decay = gamma = chunk_log_decay = None
         k_to_end = k
     else:
-        # Log-decays from the chunk start: γ_t = exp(b_t) = α_1 ⋯ α_t.
-        b = log_alpha.reshape(B * H * N, C).cumsum(-1)
-        # exp(b_t − b_s) = α_{s+1} ⋯ α_t for s ≤ t; above the diagonal b_t − b_s ≥ 0 could
-        # overflow, so it is set to −inf before the exp: an exact 0 with a zero gradient.
-        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        decay = (b[:, :, None] - b[:, None, :]).masked_fill_(~causal, -math.inf).exp()
-        gamma = b.exp()
-        k_to_end = k * (b[:, -1:] - b).exp().unsqueeze(-1)  # each write decayed to chunk end
-        chunk_log_decay = b[:, -1].reshape(B * H, N)
+        decay, gamma, to_end, chunk_log_decay = _chunk_decays(log_alpha.reshape(B * H * N, C))
+        k_to_end = k * to_end.unsqueeze(-1)  # each write decayed to chunk end
+        chunk_log_decay = chunk_log_decay.reshape(B * H, N)
     # [B·H·N, C, C]: the intra-chunk read, query t from the writes s ≤ t
     attn = q @ k.transpose(-1, -2)
     attn = attn.tril() if decay is None else attn * decay
@@ -107,6 +101,32 @@ def chunk_forward(
     o = torch.baddbmm(q_start @ starts, attn, u)
     o = o.reshape(B, H, N * C, Dv)
     return (o[:, :, :T] if pad else o), state.reshape(B, H, Dk, Dv)
+
+
+def _chunk_decays(log_alpha: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The decays inside chunks of ``log_alpha [n, C]``: ``exp(b_t − b_s)`` ``[n, C, C]`` (0 for
+    ``s > t``), ``γ_t = exp(b_t)``, ``exp(b_C − b_t)`` (both ``[n, C]``) and ``b_C`` ``[n]``, with
+    ``b_t = log α_1 + … + log α_t`` from the chunk start.
+
+    A token whose ``α = exp(log α)`` is 0 (``log α = −inf``, or so negative that the exp
+    underflows, as in the reference) forgets everything before it. Differences of one cumulative
+    sum would give ``−inf − (−inf) = nan`` there, so such tokens add 0 to the sums and instead
+    cut the chunk into segments: a decay that spans a cut is an exact 0 (``−inf`` before the
+    exp, zero gradient). For finite α the sums and their gradients are those of the plain
+    cumulative sum; a forgetting token's ``log α`` gets a zero gradient, as ``∂α/∂log α = α = 0``.
+    """
+    forget = log_alpha.exp() == 0
+    b = log_alpha.masked_fill(forget, 0.0).cumsum(-1)
+    segment = forget.cumsum(-1)  # cuts so far: s and t share a segment when equal
+    # exp(b_t − b_s) = α_{s+1} ⋯ α_t for s ≤ t in one segment; above the diagonal b_t − b_s ≥ 0
+    # could overflow, so it is set to −inf before the exp: an exact 0 with a zero gradient.
+    C = log_alpha.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=log_alpha.device).tril()
+    joined = (segment[:, :, None] == segment[:, None, :]) & causal
+    decay = (b[:, :, None] - b[:, None, :]).masked_fill_(~joined, -math.inf).exp()
+    from_start = b.masked_fill(segment > 0, -math.inf)
+    to_end = (b[:, -1:] - b).masked_fill_(segment != segment[:, -1:], -math.inf)
+    return decay, from_start.exp(), to_end.exp(), from_start[:, -1]
 
 
 def _linear_scan(

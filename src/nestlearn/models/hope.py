@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from nestlearn.errors import ConfigError
 from nestlearn.layers import CausalSelfAttention, rope_tables
 from nestlearn.layers.cms import (
     ContinuumMemory,
+    LevelHook,
     Teacher,
     check_block_options,
     check_cms_options,
@@ -35,6 +37,12 @@ from nestlearn.layers.cms import (
 from nestlearn.layers.norm import make_norm
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.common import block_state, check_tokens, init_decoder_weights
+from nestlearn.models.finite import (
+    FiniteCheck,
+    check_memory_finite,
+    inner_lr_fixes,
+    sequential_reference,
+)
 from nestlearn.models.registry import register_model
 from nestlearn.models.transformer import default_mlp_hidden
 
@@ -56,6 +64,7 @@ class CMSFields:
     cms_mlp: str = "swiglu"  # level block: "swiglu" (Llama) or "gelu_tanh" (GPT-2, ungated)
     cms_bias: bool = False  # biases in the level blocks (GPT-2)
     norm: str = "rms"  # every norm of the model: "rms" or "layer" (LayerNorm with bias, GPT-2)
+    check_finite: bool = False  # raise naming the first layer/memory/token that went non-finite
 
 
 @dataclass(kw_only=True)
@@ -80,7 +89,12 @@ def cms_hidden(config: CMSFields, d_model: int) -> int:
 
 
 class HopeBlock(nn.Module):
-    """``x + mixer(norm(x))``, then ``x + cms(x)`` (the CMS normalizes per level)."""
+    """``x + mixer(norm(x))``, then ``x + cms(x)`` (the CMS normalizes per level).
+
+    With ``checks`` set (by the model, from ``model.check_finite``), the mixer's and every CMS
+    level's outputs and new states are checked after each call (:func:`check_memory_finite`);
+    ``start`` is the absolute position of ``x[:, 0]`` so the error can name the token.
+    """
 
     def __init__(
         self, mixer: nn.Module, cms: ContinuumMemory, d_model: int, eps: float, norm: str = "rms"
@@ -89,9 +103,14 @@ class HopeBlock(nn.Module):
         self.mixer_norm = make_norm(norm, d_model, eps)
         self.mixer = mixer
         self.cms = cms
+        self.checks: HopeBlockChecks | None = None
 
     def forward(
-        self, x: torch.Tensor, state: State | None, teacher: Teacher | None = None
+        self,
+        x: torch.Tensor,
+        state: State | None,
+        teacher: Teacher | None = None,
+        start: int = 0,
     ) -> tuple[torch.Tensor, State | None]:
         mixer_state = cms_state = None
         if state is not None:
@@ -101,14 +120,38 @@ class HopeBlock(nn.Module):
                     "state has no CMS entries ('cms.*') for this block: a state from another "
                     "model? Make one with model.init_state(batch_size)"
                 )
-        y, mixer_state = self.mixer(self.mixer_norm(x), mixer_state)
+        h = self.mixer_norm(x)
+        checks = self.checks
+        # the sequential form locates the token: chunkwise forms spread a NaN in its chunk
+        reference = None if checks is None else sequential_reference(self.mixer, mixer_state)
+        y, mixer_state = self.mixer(h, mixer_state)
+        if checks is not None:
+            check_memory_finite(checks.mixer, h, y, mixer_state, start, reference)
         x = x + y
-        y, cms_state = self.cms(x, cms_state, teacher)
+        on_level = None if checks is None else checks.on_cms_level(start)
+        y, cms_state = self.cms(x, cms_state, teacher, on_level)
         if state is None:
             return x + y, None
         new = {f"mixer.{k}": v for k, v in mixer_state.items()}
         new.update({f"cms.{k}": v for k, v in cms_state.items()})
         return x + y, new
+
+
+class HopeBlockChecks(NamedTuple):
+    """``model.check_finite`` for one block: its mixer's check and one per CMS level."""
+
+    mixer: FiniteCheck
+    cms_levels: list[FiniteCheck]
+
+    def on_cms_level(self, start: int) -> LevelHook:
+        """The CMS's ``on_level`` hook for a call at absolute position ``start``. A level reads
+        each token with the weights of its chunk's start, so its outputs locate the token
+        without a sequential pass."""
+
+        def check(level: int, z: torch.Tensor, y: torch.Tensor, state: State | None) -> None:
+            check_memory_finite(self.cms_levels[level], z, y, state, start)
+
+        return check
 
 
 class HopeLM(LanguageModel):
@@ -133,10 +176,22 @@ class HopeLM(LanguageModel):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        if config.check_finite:
+            for i, block in enumerate(self.blocks):
+                cms_fixes = inner_lr_fixes("model.cms_lrs")
+                levels = [
+                    FiniteCheck(f"block {i} (CMS level {level})", fixes=cms_fixes)
+                    for level in range(len(config.cms_chunk_sizes))
+                ]
+                block.checks = HopeBlockChecks(self.mixer_check(config, i), levels)
         self.reset_parameters()
 
     def build_mixer(self, config: ModelConfig) -> nn.Module:
         """The sequence mixer of one block: ``forward(x, state) -> (y, state)``, ``init_state``."""
+        raise NotImplementedError
+
+    def mixer_check(self, config: ModelConfig, block: int) -> FiniteCheck:
+        """``model.check_finite``'s name and advice for block ``block``'s mixer."""
         raise NotImplementedError
 
     def build_cms(self, config: ModelConfig) -> ContinuumMemory:
@@ -200,7 +255,7 @@ class HopeLM(LanguageModel):
             teacher = Teacher(self.next_token_error, tokens)
         new_state: State | None = None if state is None else {"pos": state["pos"] + tokens.shape[1]}
         for i, block in enumerate(self.blocks):
-            x, sub = block(x, block_state(state, i), teacher)
+            x, sub = block(x, block_state(state, i), teacher, pos)
             if new_state is not None:
                 new_state.update({f"blocks.{i}.{k}": v for k, v in sub.items()})
         return self.head(self.norm(x)), new_state
@@ -340,6 +395,9 @@ class HopeAttentionLM(HopeLM):
 
     def mixer_outputs(self, mixer: nn.Module) -> list[nn.Linear]:
         return [mixer.attn.out]
+
+    def mixer_check(self, config: HopeAttentionConfig, block: int) -> FiniteCheck:
+        return FiniteCheck(f"block {block} (attention)", what="its output")
 
     @property
     def context_limit(self) -> int | None:

@@ -20,6 +20,7 @@ from torch import nn
 from nestlearn.config.schema import ModelConfig
 from nestlearn.errors import ConfigError
 from nestlearn.layers.self_modifying import SelfModifyingTitansMixer
+from nestlearn.models.finite import FiniteCheck, inner_lr_fixes
 from nestlearn.models.hope import CMSFields, HopeLM
 from nestlearn.models.registry import register_model
 
@@ -88,3 +89,10 @@ class HopeModel(HopeLM):
 
     def mixer_outputs(self, mixer: nn.Module) -> list[nn.Linear]:
         return [mixer.o_proj]
+
+    def mixer_check(self, config: HopeConfig, block: int) -> FiniteCheck:
+        return FiniteCheck(
+            f"block {block} (hope mixer, self-modifying Titans)",
+            what="one of its memories",
+            fixes=inner_lr_fixes("model.eta_scale"),
+        )

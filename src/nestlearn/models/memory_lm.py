@@ -9,20 +9,25 @@ layer's memory and short-conv state (``blocks.{i}.*`` keys), constant in the con
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from nestlearn.config.schema import ModelConfig
-from nestlearn.errors import ConfigError, NonFiniteMemoryError
+from nestlearn.errors import ConfigError
 from nestlearn.layers import RMSNorm, SwiGLU
 from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
 from nestlearn.layers.neural_memory import STEP_SCALES, NeuralMemoryMixer
 from nestlearn.memory.fla_kernels import check_kernel
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.common import block_state, check_tokens, init_decoder_weights
+from nestlearn.models.finite import (
+    FiniteCheck,
+    check_memory_finite,
+    inner_lr_fixes,
+    sequential_reference,
+)
 from nestlearn.models.registry import register_model
 from nestlearn.models.transformer import default_mlp_hidden
 
@@ -75,7 +80,7 @@ class MemoryBlock(nn.Module):
         self.mixer = mixer
         self.mlp_norm = RMSNorm(d_model, eps)
         self.mlp = SwiGLU(d_model, mlp_hidden)
-        self.check_finite: str | None = None  # the layer's name in error messages, when on
+        self.check_finite: FiniteCheck | None = None  # the mixer's check, when on
 
     def forward(
         self, x: torch.Tensor, state: State | None, start: int = 0
@@ -83,26 +88,12 @@ class MemoryBlock(nn.Module):
         h = self.mixer_norm(x)
         y, new_state = self.mixer(h, state)
         if self.check_finite is not None:
-            check_memory_finite(self.check_finite, h, y, new_state, start, self._reference(state))
+            # the sequential form locates the token: chunkwise forms spread a NaN in its chunk
+            reference = sequential_reference(self.mixer, state)
+            check_memory_finite(self.check_finite, h, y, new_state, start, reference)
         state = new_state
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
-
-    def _reference(self, state: State | None):
-        """The mixer's sequential form on the same input and state, to locate a non-finite token
-        exactly (chunkwise forms mix the tokens of a chunk, so NaN spreads inside it)."""
-        if getattr(self.mixer, "mode", None) != "chunk":
-            return None
-
-        def run(h: torch.Tensor) -> torch.Tensor:
-            self.mixer.mode = "reference"
-            try:
-                with torch.no_grad():
-                    return self.mixer(h, None if state is None else dict(state))[0]
-            finally:
-                self.mixer.mode = "chunk"
-
-        return run
 
 
 class MemoryLM(LanguageModel):
@@ -125,11 +116,17 @@ class MemoryLM(LanguageModel):
             self.head.weight = self.embed.weight
         if config.check_finite:
             for i, block in enumerate(self.blocks):
-                block.check_finite = f"block {i} ({config.name} mixer)"
+                block.check_finite = FiniteCheck(
+                    f"block {i} ({config.name} mixer)", fixes=self.memory_fixes(config)
+                )
         self.reset_parameters()
 
     def build_mixer(self, config: MemoryLMConfig) -> nn.Module:
         raise NotImplementedError
+
+    def memory_fixes(self, config: MemoryLMConfig) -> tuple[str, ...]:
+        """What a non-finite memory error advises to lower (keys this model has)."""
+        return inner_lr_fixes()
 
     def reset_parameters(self) -> None:
         outputs = [p for b in self.blocks for p in (b.mixer.heads.o_proj, b.mlp.w2)]
@@ -168,47 +165,6 @@ class MemoryLM(LanguageModel):
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         mixers = sum(block.mixer.flops_per_token(seq_len) for block in self.blocks)
         return 6.0 * n_matmul + 3.0 * mixers
-
-
-def check_memory_finite(
-    layer: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    state: State | None,
-    start: int = 0,
-    reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> None:
-    """Raise :class:`NonFiniteMemoryError` naming ``layer`` and the first token (absolute position
-    ``start + t``) whose mixer output ``y`` is non-finite.
-
-    Memories are read after the write (SPEC §2.1), so the output at token ``t`` is the first place
-    where a memory that went non-finite at ``t`` shows. Chunkwise forms spread a NaN over the
-    tokens of its chunk, so when ``reference`` (the mixer's sequential form on ``x``) is given it
-    is run to find the token. A non-finite input ``x`` at that token is reported as the cause; a
-    finite output with a non-finite returned state is reported as the state after the last token.
-    """
-    bad_out = ~torch.isfinite(y).flatten(2).all(-1)  # [B, T]
-    if bad_out.any() and reference is not None:
-        bad_ref = ~torch.isfinite(reference(x)).flatten(2).all(-1)
-        bad_out = bad_ref if bad_ref.any() else bad_out
-    if bad_out.any():
-        first = bad_out.float().argmax(dim=1)  # first bad token per row
-        rows = bad_out.any(dim=1).nonzero().flatten()
-        b = int(rows[first[rows].argmin()])
-        t = int(first[b])
-        cause = "its memory"
-        if not torch.isfinite(x[b, t]).all():
-            cause = "its input (an earlier layer or the embedding)"
-        raise NonFiniteMemoryError(
-            f"{layer}: {cause} went non-finite at token {start + t} (batch row {b}); lower the "
-            "inner learning rate (e.g. model.memory_max_lr) or the outer lr, or train in fp32"
-        )
-    if state is not None:
-        for key, value in state.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise NonFiniteMemoryError(
-                    f"{layer}: state '{key}' is non-finite after token {start + y.shape[1] - 1}"
-                )
 
 
 def _validate(cfg: MemoryLMConfig) -> None:
@@ -254,6 +210,9 @@ for _name in VARIANTS:
 @register_model("titans_lmm", TitansLMMConfig)
 class TitansLM(MemoryLM):
     """Titans' neural long-term memory as the sequence mixer of every block (LMM variant)."""
+
+    def memory_fixes(self, config: TitansLMMConfig) -> tuple[str, ...]:
+        return inner_lr_fixes("model.memory_max_lr")
 
     def build_mixer(self, config: TitansLMMConfig) -> nn.Module:
         if config.memory_depth < 1 or config.memory_hidden_mult < 1:

@@ -16,6 +16,7 @@ from nestlearn.errors import ConfigError
 from nestlearn.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.common import check_tokens, init_decoder_weights
+from nestlearn.models.finite import FiniteCheck, check_memory_finite
 from nestlearn.models.registry import register_model
 
 
@@ -27,6 +28,7 @@ class TransformerConfig(ModelConfig):
     n_kv_heads: int = 0  # key/value heads for grouped-query attention (0 = n_heads)
     mlp_hidden: int = 0  # SwiGLU width (0 = 8/3 * d_model rounded up to a multiple of 32)
     rope_theta: float = 10000.0  # RoPE base: position p rotates channel pair i by p·θ^(-2i/D)
+    check_finite: bool = False  # raise naming the first layer/token whose output went non-finite
 
 
 def default_mlp_hidden(d_model: int) -> int:
@@ -43,6 +45,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, n_kv_heads)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, mlp_hidden)
+        # model.check_finite: the attention's and the MLP's checks (set by the model), when on
+        self.checks: tuple[FiniteCheck, FiniteCheck] | None = None
 
     def forward(
         self,
@@ -52,8 +56,16 @@ class Block(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         pos: int = 0,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn_norm(x)
+        y = self.attn(h, cos, sin, cache, pos)
+        if self.checks is not None:
+            check_memory_finite(self.checks[0], h, y, None, pos)
+        x = x + y
+        h = self.mlp_norm(x)
+        y = self.mlp(h)
+        if self.checks is not None:
+            check_memory_finite(self.checks[1], h, y, None, pos)
+        return x + y
 
 
 @register_model("transformer", TransformerConfig)
@@ -88,6 +100,12 @@ class Transformer(LanguageModel):
         cos, sin = rope_tables(self.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, D]
         self.register_buffer("rope_sin", sin, persistent=False)  # [max_seq_len, D]
+        if config.check_finite:
+            for i, block in enumerate(self.blocks):
+                block.checks = (
+                    FiniteCheck(f"block {i} (attention)", what="its output"),
+                    FiniteCheck(f"block {i} (MLP)", what="its output"),
+                )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

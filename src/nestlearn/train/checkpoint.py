@@ -18,6 +18,12 @@ only then does ``RUN/checkpoints/latest`` (a one-line text file) move to it. A c
 leaves the previous checkpoint and pointer intact; a leftover temp folder is never read and is
 removed by the next save. Older checkpoints beyond ``keep_last`` are deleted after a successful
 save. Reading verifies every hash first, so a truncated or corrupted file is reported by name.
+
+Re-writing a step that exists (resuming from an older checkpoint past a newer one) never deletes
+the old folder first: it is renamed aside to ``.step_N.old-PID``, the new one renamed in, and only
+then is the aside deleted. A crash between the two renames leaves the aside as the step's
+checkpoint: readers list it in place of the missing ``step_N`` and the next save renames it back.
+The run folder's lock (:mod:`nestlearn.train.run_lock`) makes the writer the only one.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -40,7 +47,7 @@ from torch import nn
 from nestlearn import __version__
 from nestlearn.config.loader import from_dict, read_yaml, save_config
 from nestlearn.config.schema import RunConfig
-from nestlearn.errors import CheckpointError, NestlearnError
+from nestlearn.errors import CheckpointError, NestlearnError, NestlearnWarning
 from nestlearn.train.faults import fault_point
 from nestlearn.utils.io import atomic_write_text, fsync_dir, sha256_file
 
@@ -127,8 +134,7 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically, point ``latest`` at it, prune old ones; return it."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step_*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_leftovers(root)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
@@ -160,17 +166,31 @@ def finish_checkpoint(tmp: Path, final: Path, step: int, fmt: int) -> None:
     atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2))
     for folder in sorted({p.parent for p in tmp.rglob("*")}, reverse=True):
         fsync_dir(folder)
-    if final.exists():
-        # Re-saving the same step (e.g. Ctrl-C right after a periodic save): replace it.
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if not final.exists():
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        return
+    # Re-writing a step: the old folder stays until the new one is in place (module docstring).
+    aside = final.with_name(f".{final.name}{ASIDE}{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(final, aside)
+    try:
+        fault_point("replacing_checkpoint", step)
+        os.replace(tmp, final)
+    except BaseException:
+        if not final.exists():
+            os.replace(aside, final)
+        raise
     fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def publish_checkpoint(final: Path, step: int, keep_last: int) -> None:
     """Point ``latest`` at the completed checkpoint ``final`` and prune older ones."""
     root = final.parent
+    fault_point("before_publish", step)
     atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    fault_point("before_prune", step)
     _prune(root, keep_last, protect=final)
     fault_point("after_checkpoint", step)
 
@@ -182,12 +202,46 @@ def _prune(root: Path, keep_last: int, protect: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+ASIDE = ".old-"  # ``.step_N.old-PID``: step N's previous folder while it is being replaced
+_STEP_NAME = re.compile(r"^\.?step_(\d+)(?:\.old-\d+)?$")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder's name says (``step_N`` or a ``.step_N.old-PID`` aside)."""
+    match = _STEP_NAME.match(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path} is not named like a checkpoint folder (step_NNNNNNNN)")
+    return int(match.group(1))
+
+
+def clean_leftovers(root: Path) -> None:
+    """Before a save (the run's lock held): delete temp folders of interrupted saves; an aside
+    whose ``step_N`` is missing (a crash mid-replace) becomes ``step_N`` again, others go."""
+    for stale in root.glob(".step_*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in root.glob(f".step_*{ASIDE}*"):
+        final = root / aside.name[1:].split(ASIDE)[0]
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
+            fsync_dir(root)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Completed checkpoint folders of a run, oldest first (temp folders excluded)."""
+    """Completed checkpoint folders of a run, oldest first (temp folders excluded).
+
+    A step caught between the two renames of a replacement is listed by its aside folder.
+    """
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir())
+    found = {p.name: p for p in root.glob("step_*") if p.is_dir() and _STEP_NAME.match(p.name)}
+    for aside in sorted(root.glob(f".step_*{ASIDE}*")):
+        name = aside.name[1:].split(ASIDE)[0]
+        if aside.is_dir() and _STEP_NAME.match(aside.name) and name not in found:
+            found[name] = aside
+    return sorted(found.values(), key=checkpoint_step)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -257,7 +311,7 @@ def resolve_checkpoint(path: Path) -> Path:
             problems.append(str(exc))
             continue
         for problem in problems:
-            warnings.warn(f"skipping corrupt checkpoint: {problem}", stacklevel=2)
+            warnings.warn(f"skipping corrupt checkpoint: {problem}", NestlearnWarning, stacklevel=2)
         return candidate
     raise CheckpointError(f"no valid checkpoint in {path}: " + " | ".join(problems))
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nestlearn.config.schema import TrainConfig
-from nestlearn.errors import ConfigError
+from nestlearn.errors import ConfigError, NestlearnWarning
 from nestlearn.train.runtime import Runtime, setup_runtime
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
@@ -129,6 +129,7 @@ def resolve_parallel(parallel: str, world_size: int) -> str:
                 f"train.parallel={parallel} but this is a single process (no torchrun, or "
                 "WORLD_SIZE=1): training without data parallelism. Launch with `torchrun "
                 "--nproc_per_node=N -m nestlearn train ...` to use N processes",
+                NestlearnWarning,
                 stacklevel=2,
             )
         return "none"

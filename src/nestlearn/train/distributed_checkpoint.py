@@ -35,6 +35,7 @@ from nestlearn.errors import CheckpointError
 from nestlearn.optim.newton_schulz import is_dtensor, shard_like
 from nestlearn.train.checkpoint import (
     checkpoint_root,
+    clean_leftovers,
     finish_checkpoint,
     publish_checkpoint,
     step_dir_name,
@@ -123,8 +124,7 @@ def save_sharded_checkpoint(
     tmp = root / f".{final.name}.tmp-sharded"
     if env.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step_*.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        clean_leftovers(root)
         tmp.mkdir()
     env.barrier()
     skeleton, optim_tensors = split_tensors(optimizer.state_dict(), "optimizer")

@@ -12,6 +12,12 @@ evaluations are reduced over ranks, only rank 0 writes files, and checkpoints ar
 
 Interruption: the first Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint
 and returns normally; a second one aborts at once.
+
+One writer per run folder: a trainer holds the folder's lock (:mod:`nestlearn.train.run_lock`)
+from construction until :meth:`Trainer.fit` returns (or :meth:`Trainer.close`); another process
+(or another trainer of this process) on the same folder is refused with a message naming it.
+A step that is already in a checkpoint is not written again (Ctrl-C right after a periodic save,
+resuming a finished run), and a finished run resumed again adds no metrics rows.
 """
 
 from __future__ import annotations
@@ -31,13 +37,27 @@ from tqdm.auto import tqdm
 
 from nestlearn.config.loader import save_config, to_dict
 from nestlearn.config.schema import RunConfig
-from nestlearn.data import TokenizedCorpus, eval_batches, prepare_data, train_batch
-from nestlearn.errors import CheckpointError, ConfigError, NonFiniteLossError
+from nestlearn.data import (
+    TokenizedCorpus,
+    check_resume_data,
+    eval_batches,
+    prepare_data,
+    train_batch,
+)
+from nestlearn.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    NonFiniteMemoryError,
+)
 from nestlearn.eval.perplexity import evaluate_lm, unigram_metrics, upcast
 from nestlearn.models.registry import build_model
 from nestlearn.models.summary import count_parameters
 from nestlearn.train.activation_checkpointing import apply_activation_checkpointing
 from nestlearn.train.checkpoint import (
+    MANIFEST_FILE,
+    checkpoint_root,
+    clean_leftovers,
     list_checkpoints,
     load_weights,
     read_checkpoint,
@@ -51,13 +71,16 @@ from nestlearn.train.distributed import (
     check_optimizer,
     clip_gradients,
     gradient_sync,
+    launch_env,
     setup_parallel,
     wrap_model,
 )
+from nestlearn.train.faults import fault_point
 from nestlearn.train.level_steps import LevelSteps
 from nestlearn.train.metrics import MetricsLog, read_metrics
 from nestlearn.train.optim import build_optimizer, build_scheduler
 from nestlearn.train.report import markdown_table, plot_losses, write_markdown
+from nestlearn.train.run_lock import RunLock, hold_run_dir
 from nestlearn.train.runtime import seed_everything
 
 
@@ -117,6 +140,22 @@ def _run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
+def _lock_for_resume(path: Path) -> RunLock | None:
+    """Rank 0 locks the run folder of ``--resume PATH`` (a run or a checkpoint folder) before
+    reading it, so no other writer prunes it meanwhile; a missing folder is left to the reader's
+    error. Single process: leftovers of a crashed save are tidied under the lock."""
+    path = Path(path)
+    rank, world_size, _ = launch_env()
+    is_checkpoint = (path / MANIFEST_FILE).exists() or path.name.lstrip(".").startswith("step_")
+    run_dir = _run_dir_of(path) if is_checkpoint else path
+    if rank != 0 or not run_dir.is_dir():
+        return None
+    lock = RunLock(run_dir).acquire()
+    if world_size == 1 and checkpoint_root(run_dir).is_dir():
+        clean_leftovers(checkpoint_root(run_dir))
+    return lock
+
+
 def make_trainer_state(
     *,
     step: int,
@@ -128,18 +167,22 @@ def make_trainer_state(
     train_seconds: float = 0.0,
     loss_sum: float = 0.0,
     loss_count: int = 0,
+    data_fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything besides the weights that a checkpoint needs to resume exactly at ``step``
-    (also what a converted model is saved with at step 0, see ``nestlearn.convert``)."""
+    (also what a converted model is saved with at step 0, see ``nestlearn.convert``).
+    ``data_fingerprint`` (:func:`nestlearn.data.data_fingerprint`) is what resume checks the
+    data against."""
     extra = {} if level_steps is None else {"level_steps": level_steps.state_dict()}
+    data = {"fingerprint": data_fingerprint} if data_fingerprint else {}
     return {
         **extra,
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
-        # The data position: batches are a pure function of (seed, step).
-        "data": {"seed": seed, "next_step": step},
+        # The data position: batches are a pure function of (seed, step) and the data.
+        "data": {"seed": seed, "next_step": step, **data},
         "tokens_seen": tokens_seen,
         "train_seconds": train_seconds,
         "loss_sum": loss_sum,
@@ -160,11 +203,29 @@ class Trainer:
         *,
         corpus: TokenizedCorpus | None = None,
         _resume: Any = None,
+        _lock: RunLock | None = None,
+        allow_data_change: bool = False,
     ) -> None:
+        # Resume only: continue even if the data differs from the checkpoint's (not exact).
+        self._allow_data_change = allow_data_change
         self.dist: DistEnv
         self.dist, self.runtime = setup_parallel(cfg.train)
         check_optimizer(self.dist.mode, cfg.optim.name, cfg.optim.preconditioner)
         self.run_dir = Path(cfg.train.out_dir)
+        # Before any work: out_dir must be a usable folder that no other process writes into.
+        try:
+            self._lock = hold_run_dir(self.run_dir, self.dist, _lock)
+        except BaseException:
+            if _lock is not None:
+                _lock.release()
+            raise
+        try:
+            self._setup(cfg, corpus, _resume)
+        except BaseException:
+            self._release_run_dir()
+            raise
+
+    def _setup(self, cfg: RunConfig, corpus: TokenizedCorpus | None, _resume: Any) -> None:
         if _resume is None and list_checkpoints(self.run_dir):
             raise CheckpointError(
                 f"{self.run_dir} already holds checkpoints; resume it with "
@@ -175,6 +236,16 @@ class Trainer:
         with self.dist.main_first():  # rank 0 fills the token cache, the others read it
             self.corpus = corpus or prepare_data(
                 cfg.data, tokenizer=tokenizer, progress=progress and self.dist.is_main
+            )
+        if _resume is not None:  # the same data as the checkpoint's, or a clear refusal
+            saved = (_resume.trainer_state or {}).get("data", {}).get("fingerprint")
+            check_resume_data(
+                saved,
+                self.corpus.data_fingerprint,
+                _resume.path,
+                allow_change=self._allow_data_change,
+                report=self.dist.is_main,
+                step=_resume.step,
             )
         self.cfg = _resolve_vocab(cfg, self.corpus.tokenizer.vocab_size)
         self.token_bytes = self.corpus.tokenizer.token_byte_lengths()
@@ -195,6 +266,7 @@ class Trainer:
         self._loss_sum, self._loss_count = 0.0, 0
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.last_checkpoint: Path | None = None
+        self._saved_step: int | None = None  # the step last_checkpoint holds
         if _resume is not None:
             self._restore(_resume)
         elif self.dist.is_main:
@@ -211,8 +283,20 @@ class Trainer:
         """Resume from a run folder (its newest valid checkpoint) or a checkpoint folder.
 
         Overrides may change the loop (``train.steps``, logging, eval), never the model or data:
-        those must match the checkpoint exactly.
+        those must match the checkpoint exactly. The run folder is locked before it is read.
         """
+        lock = _lock_for_resume(path)
+        try:
+            return cls._from_checkpoint(path, overrides, _lock=lock, **kwargs)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    @classmethod
+    def _from_checkpoint(
+        cls, path: Path, overrides: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Trainer:
         from nestlearn.config.loader import replace as replace_cfg
 
         loaded = read_checkpoint(path)
@@ -255,6 +339,7 @@ class Trainer:
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
         self.last_checkpoint = loaded.path
+        self._saved_step = self.step
 
     def trainer_state(self) -> dict[str, Any]:
         return make_trainer_state(
@@ -267,10 +352,22 @@ class Trainer:
             train_seconds=self.train_seconds,
             loss_sum=self._loss_sum,
             loss_count=self._loss_count,
+            data_fingerprint=self.corpus.data_fingerprint,
         )
 
     def save(self) -> Path:
-        """Write a checkpoint (collective under data parallelism: every rank calls it)."""
+        """Write a checkpoint (collective under data parallelism: every rank calls it).
+
+        A step already in ``last_checkpoint`` (saved or resumed from) is not written again: the
+        state is the same, and re-writing would only open a window for losing it.
+        """
+        if self.last_checkpoint is not None and self._saved_step == self.step:
+            return self.last_checkpoint
+        self.last_checkpoint = self._write_checkpoint()
+        self._saved_step = self.step
+        return self.last_checkpoint
+
+    def _write_checkpoint(self) -> Path:
         if self.dist.enabled:
             from nestlearn.train.distributed_checkpoint import save_sharded_checkpoint
 
@@ -336,8 +433,11 @@ class Trainer:
             x, y = x.to(self.runtime.device), y.to(self.runtime.device)
             last = micro == tc.grad_accum - 1
             with gradient_sync(self.forward_model, self.dist, last):
-                with self.runtime.autocast():
-                    logits, _ = self.forward_model(x)
+                try:
+                    with self.runtime.autocast():
+                        logits, _ = self.forward_model(x)
+                except NonFiniteMemoryError as exc:  # model.check_finite: add the step
+                    raise NonFiniteMemoryError(f"optimizer step {self.step + 1}: {exc}") from exc
                 loss = F.cross_entropy(upcast(logits).reshape(-1, logits.size(-1)), y.reshape(-1))
                 value = self.dist.mean(float(loss.detach()))
                 if not math.isfinite(value):
@@ -400,8 +500,13 @@ class Trainer:
         )
         return result
 
-    def _last_eval(self) -> dict[str, float]:
-        evals = [r for r in read_metrics(self.metrics.path) if r.get("kind") == "eval"]
+    def _last_eval(self, step: int | None = None) -> dict[str, float]:
+        """The newest logged evaluation (of ``step`` only, if given); {} if none."""
+        evals = [
+            r
+            for r in read_metrics(self.metrics.path)
+            if r.get("kind") == "eval" and (step is None or r.get("step") == step)
+        ]
         if not evals:
             return {}
         last = evals[-1]
@@ -413,8 +518,23 @@ class Trainer:
         }
 
     def fit(self) -> TrainResult:
+        """Train to ``train.steps`` (or until interrupted), evaluate, checkpoint and report.
+
+        The run folder's lock is held throughout (taken again if :meth:`close` or an earlier
+        ``fit`` let it go) and released on return. A run already at ``train.steps`` trains
+        nothing: it reports the logged final evaluation (evaluating only if none is logged for
+        this step) and ``result.extra["already_finished"]`` is True.
+        """
+        self._lock = hold_run_dir(self.run_dir, self.dist, self._lock)
+        try:
+            return self._fit()
+        finally:
+            self._release_run_dir()
+
+    def _fit(self) -> TrainResult:
         tc = self.cfg.train
         interrupted = False
+        already_finished = self._saved_step is not None and self.step >= tc.steps
         window_tokens, window_time = 0, 0.0
         bar = tqdm(
             total=tc.steps,
@@ -430,6 +550,7 @@ class Trainer:
             while self.step < tc.steps:
                 start = time.perf_counter()
                 loss, grad_norm = self.train_step()
+                fault_point("after_step", self.step)
                 elapsed = time.perf_counter() - start
                 self.train_seconds += elapsed
                 window_time += elapsed
@@ -464,7 +585,11 @@ class Trainer:
                     interrupted = requested
                     break
         # Ctrl-C means "save and get out": skip the final validation (resuming redoes it).
-        final_eval = self._last_eval() if interrupted else self._log_eval()
+        # Resuming a finished run evaluates only if its final validation was never logged.
+        final_eval = self._last_eval() if interrupted else self._last_eval(self.step)
+        (evaluate,) = self.dist.any(self.dist.is_main and not (interrupted or final_eval))
+        if evaluate:  # rank 0 decides: evaluation is collective
+            final_eval = self._log_eval()
         checkpoint = self.save()
         result = TrainResult(
             run_dir=self.run_dir,
@@ -477,6 +602,7 @@ class Trainer:
             final_eval=final_eval,
             unigram_eval=self.unigram_baseline(),
             checkpoint=checkpoint,
+            extra={"already_finished": already_finished},
         )
         if self.dist.is_main:
             self.write_report(result)
@@ -487,8 +613,15 @@ class Trainer:
             self.metrics.write(record)
 
     def close(self) -> None:
-        """Leave the process group if this trainer created it (call once training is done)."""
+        """Let go of the run folder and leave the process group if this trainer created it
+        (call once training is done)."""
+        self._release_run_dir()
         self.dist.close()
+
+    def _release_run_dir(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
 
     def write_report(self, result: TrainResult) -> None:
         """``loss.png`` and ``summary.md`` in the run folder."""
