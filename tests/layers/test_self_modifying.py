@@ -42,7 +42,12 @@ def loss_and_grads(layer: nn.Module, x: torch.Tensor):
 
 @pytest.mark.parametrize(
     "switches",
-    [{}, dict(dgd=False, momentum=False), dict(variant="fully_adaptive", adaptive_q=True)],
+    [
+        {},
+        dict(dgd=False, momentum=False),
+        dict(variant="fully_adaptive", adaptive_q=True),
+        dict(ema_momentum=False, normalize_v=False),
+    ],
 )
 def test_chunk_mode_equals_reference_mode_with_gradients(switches):
     chunk = mixer(**switches)
@@ -86,6 +91,8 @@ def test_is_causal():
 SWITCHES = {
     "gd instead of dgd": dict(dgd=False),
     "no momentum": dict(momentum=False),
+    "heavy-ball momentum": dict(ema_momentum=False),
+    "v as read": dict(normalize_v=False),
     "no retention": dict(retention=False),
     "fixed k": dict(fixed_k=True),
     "fixed v": dict(fixed_v=True),

@@ -76,6 +76,7 @@ def segment_fn(lay, opts, fused: bool, momentum: bool, retention: bool):
 
 CASES = {
     "default": {},
+    "ema momentum": {"ema_momentum": True},
     "no momentum": {"momentum": False},
     "no retention": {"retention": False},
     "plain GD": {"dgd": False},
@@ -151,6 +152,7 @@ def test_unsupported_objective_falls_back_to_autograd():
 
 LAYER_CASES = {
     "default": {},
+    "heavy-ball momentum": {"ema_momentum": False},
     "no momentum": {"momentum": False},
     "no retention": {"retention": False},
     "plain GD": {"dgd": False},
@@ -191,7 +193,9 @@ def test_mixer_with_fused_bank_equals_autograd_bank(name):
 SHARED = {"N": 2, "n": 3, "D": 3, "h": 3}
 
 
-@pytest.mark.parametrize("name", ["default", "no momentum", "plain GD", "given targets"])
+@pytest.mark.parametrize(
+    "name", ["default", "ema momentum", "no momentum", "plain GD", "given targets"]
+)
 def test_gradcheck_shared_inputs(name):
     kw, momentum, retention = split_case(CASES[name])
     given = kw.get("target") == "given"
@@ -219,11 +223,13 @@ def test_gradcheck_chunk_start_is_start(shape):
     assert torch.autograd.gradcheck(fn, tuple(inputs), atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
+@pytest.mark.parametrize("ema", [False, True], ids=["heavy-ball", "ema"])
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("retention", [True, False])
-def test_gate_coefficients_equal_autograd(momentum, retention):
+def test_gate_coefficients_equal_autograd(momentum, retention, ema):
     """The coefficients as one node (dgd_gates.gate_coefficients) against autograd through
-    dgd_mlp.coefficients: the same numbers, the same gradients, gates exactly 0 included."""
+    dgd_mlp.coefficients: the same numbers, the same gradients, gates exactly 0 included;
+    ``ema``: the gradient's step (1 − μ) η in the write coefficients, not in the projection."""
     gen = torch.Generator().manual_seed(6)
     N, n = 3, 5
     eta = 0.1 + 0.4 * torch.rand(N, n, generator=gen, dtype=DT)
@@ -232,14 +238,14 @@ def test_gate_coefficients_equal_autograd(momentum, retention):
     mu[1, 3] = alpha[0, 2] = 0.0
     gates = [eta, mu if momentum else None, alpha if retention else None]
     leaves = [None if g is None else g.clone().requires_grad_() for g in gates]
-    fused = dgd_gates.gate_coefficients(*leaves)
-    plain = write_coefficients(dgd_mlp.coefficients(*leaves))
+    fused = dgd_gates.gate_coefficients(*leaves, ema=ema)
+    plain = write_coefficients(dgd_mlp.coefficients(*leaves, ema=ema))
     weights = []
     for a, b in zip(fused, plain, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
             assert a.shape == b.shape
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
             weights.append(torch.randn(a.shape, generator=gen, dtype=DT))
     wrt = [x for x in leaves if x is not None]
     losses = [
@@ -252,7 +258,7 @@ def test_gate_coefficients_equal_autograd(momentum, retention):
     def fn(*gates):
         it = iter(gates)
         args = [next(it), next(it) if momentum else None, next(it) if retention else None]
-        return tuple(x for x in dgd_gates.gate_coefficients(*args) if x is not None)
+        return tuple(x for x in dgd_gates.gate_coefficients(*args, ema=ema) if x is not None)
 
     assert torch.autograd.gradcheck(fn, tuple(wrt))
 

@@ -146,10 +146,12 @@ def assert_runs_close(actual, expected) -> None:
         torch.testing.assert_close(a, b, msg=f"gradient of leaf {i}")
 
 
-def autograd_dgd(case: Case, *, objective, skip, target, read, chunk_size, dgd=True):
+def autograd_dgd(
+    case: Case, *, objective, skip, target, read, chunk_size, dgd=True, ema_momentum=False
+):
     """The recurrence written independently: ``g_t`` by ``torch.autograd.grad`` of ``L̃`` at the
     chunk-start weights (the target a constant of the inner loss), the DGD factor
-    ``α I − η x xᵀ`` as an explicit matrix."""
+    ``α I − η x xᵀ`` as an explicit matrix; ``ema_momentum``: the gradient's step ``(1 − μ) η``."""
     objective = get_objective(objective)
     mu, alpha, eta = case.gates["mu"], case.gates["alpha"], case.gates["eta"]
     B, T = case.q.shape[0], case.q.shape[2]
@@ -179,8 +181,11 @@ def autograd_dgd(case: Case, *, objective, skip, target, read, chunk_size, dgd=T
         goal = memory(wc, v)[0] if target == "self" else v
         pred, inputs = memory(at, k)
         grads = torch.autograd.grad(objective.value(pred, goal).sum(), at, create_graph=True)
+        step = eta[..., t, None, None]
+        if ema_momentum and mu is not None:
+            step = (1 - mu[..., t, None, None]) * step
         s = [
-            (0.0 if mu is None else mu[..., t, None, None] * S) - eta[..., t, None, None] * g
+            (0.0 if mu is None else mu[..., t, None, None] * S) - step * g
             for S, g in zip(s, grads, strict=True)
         ]
         a = 1.0 if alpha is None else alpha[..., t, None, None]
@@ -217,12 +222,15 @@ def assert_output_gradients_close(o: torch.Tensor, expected: torch.Tensor, case:
         ("identity", "given", "per_token", "huber"),
     ],
 )
-@pytest.mark.parametrize("momentum, retention", [(True, True), (False, False)])
-def test_chunk_matches_reference(skip, target, read, objective, momentum, retention):
+@pytest.mark.parametrize(
+    "momentum, retention, ema", [(True, True, False), (True, True, True), (False, False, False)]
+)
+def test_chunk_matches_reference(skip, target, read, objective, momentum, retention, ema):
     case = make_case(
         1, skip=skip, target=target, momentum=momentum, retention=retention, with_state=True
     )
     options = dict(skip=skip, target=target, read=read, objective=objective, chunk_size=3)
+    options["ema_momentum"] = ema
     assert_runs_close(
         run(dgd_mlp_memory_chunk, case, **options), run(dgd_mlp_memory_reference, case, **options)
     )
@@ -242,10 +250,11 @@ def test_chunk_matches_reference(skip, target, read, objective, momentum, retent
     read=st.sampled_from(["per_token", "chunk_start"]),
     dgd=st.booleans(),
     momentum=st.booleans(),
+    ema=st.booleans(),
     with_state=st.booleans(),
 )
 def test_chunk_matches_reference_on_random_shapes(
-    seed, B, H, T, chunk_size, dims, depth, skip, target, read, dgd, momentum, with_state
+    seed, B, H, T, chunk_size, dims, depth, skip, target, read, dgd, momentum, ema, with_state
 ):
     Dk, Dv, Dh = dims
     if skip == "identity" or target == "self":
@@ -266,11 +275,13 @@ def test_chunk_matches_reference_on_random_shapes(
         with_state=with_state,
     )
     options = dict(skip=skip, target=target, read=read, dgd=dgd, chunk_size=chunk_size)
+    options["ema_momentum"] = ema
     assert_runs_close(
         run(dgd_mlp_memory_chunk, case, **options), run(dgd_mlp_memory_reference, case, **options)
     )
 
 
+@pytest.mark.parametrize("ema", [False, True], ids=["heavy-ball", "ema"])
 @pytest.mark.parametrize("chunk_size", [1, 3])
 @pytest.mark.parametrize(
     "skip, target, read, objective",
@@ -280,9 +291,9 @@ def test_chunk_matches_reference_on_random_shapes(
         ("none", "given", "chunk_start", "dot"),
     ],
 )
-def test_chunk_matches_autograd_dgd(skip, target, read, objective, chunk_size):
+def test_chunk_matches_autograd_dgd(skip, target, read, objective, chunk_size, ema):
     case = make_case(7, T=8, skip=skip, target=target)
-    options = dict(skip=skip, target=target, read=read, objective=objective)
+    options = dict(skip=skip, target=target, read=read, objective=objective, ema_momentum=ema)
     o, _ = dgd_mlp_memory_chunk(
         case.q, case.k, case.v, case.weights, **case.gates, chunk_size=chunk_size, **options
     )
@@ -335,10 +346,11 @@ def steps(case: Case, state, **options):
     return torch.stack(outputs, dim=2), state
 
 
+@pytest.mark.parametrize("ema", [False, True], ids=["heavy-ball", "ema"])
 @pytest.mark.parametrize("prefix", [0, 1, 5, 6])
-def test_prefix_then_steps_match_full(prefix):
+def test_prefix_then_steps_match_full(prefix, ema):
     case = make_case(12, T=11, skip="linear", target="self")
-    options = dict(skip="linear", target="self", chunk_size=3)
+    options = dict(skip="linear", target="self", chunk_size=3, ema_momentum=ema)
     o, state = dgd_mlp_memory_chunk(
         case.q, case.k, case.v, case.weights, **case.gates, output_final_state=True, **options
     )

@@ -142,6 +142,8 @@ def oracle(x: torch.Tensor, params: SelfModifyingParams, options: SelfModifyingO
             return memory(n, wc[n], xt)[0]
 
         k, v, q = F.normalize(read("k"), dim=-1), read("v"), F.normalize(read("q"), dim=-1)
+        if options.normalize_v and options.variant == "self_modifying":
+            v = F.normalize(v, dim=-1)  # the input of the self-generated targets
         eta = F.softplus(read("eta")[..., 0] + params.eta_bias) * options.eta_scale
         alpha = None
         if params.alpha_bias is not None:
@@ -159,8 +161,10 @@ def oracle(x: torch.Tensor, params: SelfModifyingParams, options: SelfModifyingO
             grads = torch.autograd.grad(objective.value(pred, goal).sum(), at, create_graph=True)
             e = eta[..., None, None]
             a = 1.0 if alpha is None else alpha[..., None, None]
+            # the gradient's step: (1 − μ) η with EMA momentum; the DGD factor keeps η
+            step = e if mu is None or not options.ema_momentum else (1 - mu) * e
             s[n] = [
-                (0.0 if mu is None else mu * S) - e * g for S, g in zip(s[n], grads, strict=True)
+                (0.0 if mu is None else mu * S) - step * g for S, g in zip(s[n], grads, strict=True)
             ]
             new = []
             for W, S, u in zip(w[n], s[n], inputs, strict=True):
@@ -180,6 +184,9 @@ def oracle(x: torch.Tensor, params: SelfModifyingParams, options: SelfModifyingO
 
 ABLATIONS = {
     "default": ({}, {}),
+    "heavy-ball momentum": ({}, dict(ema_momentum=False)),
+    "v as read": ({}, dict(normalize_v=False)),
+    "fixed v, v as read": (dict(fixed_v=True), dict(normalize_v=False)),
     "gd": ({}, dict(dgd=False)),
     "no momentum": (dict(momentum=False), {}),
     "no retention": (dict(retention=False), {}),
@@ -203,7 +210,10 @@ def test_chunk_matches_reference(name):
     )
 
 
-@pytest.mark.parametrize("name", ["default", "no momentum", "fully adaptive", "dot"])
+@pytest.mark.parametrize(
+    "name",
+    ["default", "heavy-ball momentum", "v as read", "no momentum", "fully adaptive", "dot"],
+)
 @pytest.mark.parametrize("chunks", [(1, 1), (3, 2)])
 def test_chunk_matches_autograd_oracle(name, chunks):
     param_args, option_args = ABLATIONS[name]

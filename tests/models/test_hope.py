@@ -71,6 +71,8 @@ def test_overfits_a_batch():
     [
         {"sm_dgd": False},
         {"sm_momentum": False},
+        {"sm_ema_momentum": False},
+        {"sm_normalize_v": False},
         {"sm_retention": False},
         {"fixed_k": True},
         {"fixed_v": True},

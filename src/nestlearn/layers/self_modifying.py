@@ -12,7 +12,10 @@ ablations), the gate biases and the per-head momentum are meta-parameters: the o
 back-propagates through the inner updates into them. SPEC §5's ablations are switches:
 ``dgd=False`` (plain GD), ``momentum=False``, ``retention=False``, ``fixed_k``, ``fixed_v``,
 ``objective="dot"``, ``variant="fully_adaptive"``; ``adaptive_q`` and ``read="chunk_start"`` are
-options. Decisions: ``docs/self-modifying-titans.md``.
+options. ``ema_momentum=True`` (default) writes the inner momentum as an average of past steps,
+``S_t = μ S_{t−1} − (1 − μ) η_t g_t``, and ``normalize_v=True`` (default) normalizes ``v_t``, the
+input of the self-generated targets, like ``k_t`` and ``q_t``; ``False`` for both is the earlier
+form, which diverges on long runs of repeated tokens. Decisions: ``docs/self-modifying-titans.md``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class SelfModifyingTitansMixer(nn.Module):
         conv_size: int = 4,
         dgd: bool = True,
         momentum: bool = True,
+        ema_momentum: bool = True,
+        normalize_v: bool = True,
         retention: bool = True,
         adaptive_q: bool = False,
         fixed_k: bool = False,
@@ -101,6 +106,8 @@ class SelfModifyingTitansMixer(nn.Module):
             read=read,
             eta_scale=eta_scale,
             detach_inner=detach_inner,
+            ema_momentum=ema_momentum,
+            normalize_v=normalize_v,
         )
         try:
             _check_options(self.options)
@@ -261,7 +268,8 @@ class SelfModifyingTitansMixer(nn.Module):
         """Every memory: what it maps, its inner objective and optimizer, its chunk size."""
         opts, H, D = self.options, self.n_heads, self.head_dim
         optimizer = ("DGD" if opts.dgd else "GD") + " at chunk start"
-        optimizer += ", momentum μ" if self.mu_logit is not None else ""
+        if self.mu_logit is not None:
+            optimizer += ", momentum μ" + (" (EMA)" if opts.ema_momentum else "")
         optimizer += ", retention α_t" if self.alpha_bias is not None else ""
         levels = []
         for name, weights in self.memories.items():

@@ -134,9 +134,10 @@ def segment(
     (:func:`nestlearn.memory.dgd_gates.gate_coefficients`) and the write
     (:func:`nestlearn.memory.bank_fused.segment`)."""
     if fused and bank_fused.supported(opts):
-        c = dgd_gates.gate_coefficients(*gates)
+        c = dgd_gates.gate_coefficients(*gates, ema=opts.ema_momentum)
         return bank_fused.segment(lay, w, s, wc, k, v, targets, c, opts)
-    return segment_autograd(lay, w, s, wc, k, v, targets, coefficients(*gates), opts)
+    coeffs = coefficients(*gates, ema=opts.ema_momentum)
+    return segment_autograd(lay, w, s, wc, k, v, targets, coeffs, opts)
 
 
 def segment_autograd(

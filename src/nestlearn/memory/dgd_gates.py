@@ -14,7 +14,7 @@ from nestlearn.memory.dgd_write import WriteCoefficients
 
 
 def gate_coefficients(
-    eta: torch.Tensor, mu: torch.Tensor | None, alpha: torch.Tensor | None
+    eta: torch.Tensor, mu: torch.Tensor | None, alpha: torch.Tensor | None, *, ema: bool = False
 ) -> WriteCoefficients:
     """The :class:`WriteCoefficients` of gates ``[N, n]`` (``mu``, ``alpha`` None: no momentum,
     no retention): the write coefficients among :func:`nestlearn.memory.dgd_mlp.coefficients`'s
@@ -26,9 +26,10 @@ def gate_coefficients(
     ``D = A``, no ``c``): ``G_t = A[t, 0]``, write ``−D[t, s] η_s``, lower ``A[j−1, i] η_i``,
     project ``−A[n, j] η_j``, ``M[n, 0] = P[n, 0]``, ``s_write = −P[n, s] η_s``. Backward: the
     product rule without division (gates may be 0), ``∂P[t, s] / ∂a_r = P[t, r] P[r−1, s]`` for
-    ``s < r ≤ t``, so ``∂L/∂a_r = (Pᵀ dP Pᵀ)[r, r−1]``.
+    ``s < r ≤ t``, so ``∂L/∂a_r = (Pᵀ dP Pᵀ)[r, r−1]``. ``ema`` (with momentum): the gradient's
+    step ``(1 − μ_s) η_s`` replaces ``η_s`` in ``write`` and ``s_write`` (not in the projection).
     """
-    flags = (mu is not None, alpha is not None)
+    flags = (mu is not None, alpha is not None, ema and mu is not None)
     gates = [g for g in (eta, mu, alpha) if g is not None]
     return WriteCoefficients(*_WriteCoefficients.apply(flags, *gates))
 
@@ -57,7 +58,7 @@ def _gate_grad(P: torch.Tensor, dP: torch.Tensor) -> torch.Tensor:
 class _WriteCoefficients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flags, eta, *gates):
-        has_mu, has_alpha = flags
+        has_mu, has_alpha, ema = flags
         N, n = eta.shape
         products = None
         if gates:
@@ -72,15 +73,16 @@ class _WriteCoefficients(torch.autograd.Function):
         if has_mu:
             P = products[0]
             mixed = torch.bmm(A[..., 1:], P[:, 1:])  # [N, n+1, n+1]: c, then D
-            write, carry = -mixed[..., 1:] * e, mixed[..., :1]
+            step = (1 - gates[0]) * eta if ema else eta  # the gradient's step
+            write, carry = -mixed[..., 1:] * step.unsqueeze(-2), mixed[..., :1]
             b_carry, e_carry, s_decay = carry[:, :n], carry[:, n:], P[:, n:, :1]
-            s_write = (-P[:, n, 1:] * eta).unsqueeze(-1)
+            s_write = (-P[:, n, 1:] * step).unsqueeze(-1)
         else:
             write, b_carry, e_carry, s_decay = -project, None, None, None
             s_write = torch.cat([torch.zeros_like(eta[:, :-1]), -eta[:, -1:]], dim=-1)
             s_write = s_write.unsqueeze(-1)
         ctx.flags = flags
-        ctx.save_for_backward(eta, A, P, mixed)
+        ctx.save_for_backward(eta, A, P, mixed, gates[0] if ema else None)
         return (
             A[:, :n, :1],
             b_carry,
@@ -97,21 +99,27 @@ class _WriteCoefficients(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        has_mu, has_alpha = ctx.flags
-        eta, A, P, mixed = ctx.saved_tensors
+        has_mu, has_alpha, ema = ctx.flags
+        eta, A, P, mixed, mu = ctx.saved_tensors
         g = WriteCoefficients(*grads)
         e = eta.unsqueeze(-2)
         d_mu = d_alpha = None
         if has_mu:
-            # write = −C[:, 1:] η, C = A[:, 1:] P[1:]; s_decay = P[n, 0], s_write = −P[n, 1:] η
+            # write = −C[:, 1:] s, C = A[:, 1:] P[1:]; s_decay = P[n, 0], s_write = −P[n, 1:] s,
+            # s the gradient's step: η, or (1 − μ) η with ema
+            step = (1 - mu) * eta if ema else eta
             d_write = torch.cat([g.b_write, g.e_write.mT], dim=1)  # [N, n+1, n]
             d_carry = torch.cat([g.b_carry, g.e_carry], dim=1)
-            d_mixed = torch.cat([d_carry, d_write * -e], dim=-1)  # [N, n+1, n+1]
-            d_eta = (d_write * mixed[..., 1:]).sum(-2).neg_()
-            d_eta -= g.s_write[..., 0] * P[:, -1, 1:]
+            d_mixed = torch.cat([d_carry, d_write * -step.unsqueeze(-2)], dim=-1)  # [N, n+1, n+1]
+            d_step = (d_write * mixed[..., 1:]).sum(-2).neg_()
+            d_step -= g.s_write[..., 0] * P[:, -1, 1:]
             d_P = torch.bmm(A[..., 1:].mT, d_mixed)  # rows 1..n of dP
-            d_P[:, -1] += torch.cat([g.s_decay[:, 0], g.s_write[..., 0] * -eta], dim=-1)
+            d_P[:, -1] += torch.cat([g.s_decay[:, 0], g.s_write[..., 0] * -step], dim=-1)
             d_mu = _gate_grad(P, d_P)
+            d_eta = d_step
+            if ema:
+                d_mu -= d_step * eta
+                d_eta = d_step * (1 - mu)
             d_project = torch.cat([g.lower, -g.e_project.mT], dim=1)  # [N, n+1, n]
             d_A1 = torch.bmm(d_mixed, P[:, 1:].mT).addcmul_(d_project, e)
         else:

@@ -8,6 +8,7 @@ every linear map ``W`` with its own input ``u_t`` (``k_t`` for the first map and
 
     g_t = ∇_W L̃(M_{W_c}(k_t); v̂_t)           at the chunk-start weights W_c (per map δ_t u_tᵀ)
     S_t = μ_t S_{t-1} − η_t g_t                 momentum (μ = None: S_t = −η_t g_t)
+                                                ema_momentum: S_t = μ_t S_{t-1} − (1 − μ_t) η_t g_t
     W_t = W_{t-1} (α_t I − η_t x_t x_tᵀ) + S_t   DGD (dgd=False: W_t = α_t W_{t-1} + S_t)
     o_t = M_{W_t}(q_t)                          read="per_token" (dual form); "chunk_start": M_{W_c}
 
@@ -69,6 +70,8 @@ class Options(NamedTuple):
     # > 0: a linear skip of this output width is fused into the first map as extra rows
     # (same input, so the same gradient input u and DGD input x): one map less per chunk.
     fused: int = 0
+    # S_t = μ S − (1 − μ) η g (gain 1 for any μ; the DGD projection keeps η); False: − η g.
+    ema_momentum: bool = False
 
     @property
     def chain(self) -> int:
@@ -86,6 +89,7 @@ def options(
     read: str = "per_token",
     chunk_size: int = 1,
     detach_inner: bool = False,
+    ema_momentum: bool = False,
 ) -> Options:
     """Checked :class:`Options` (ValueError naming the argument and the allowed values)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -104,7 +108,16 @@ def options(
         raise ValueError(f"objective: {exc}") from exc
     sigma, sigma_grad = ACTIVATIONS[activation]
     return Options(
-        inner, sigma, sigma_grad, skip, bool(dgd), target, read, chunk_size, bool(detach_inner)
+        inner,
+        sigma,
+        sigma_grad,
+        skip,
+        bool(dgd),
+        target,
+        read,
+        chunk_size,
+        bool(detach_inner),
+        ema_momentum=bool(ema_momentum),
     )
 
 
@@ -127,6 +140,7 @@ def dgd_mlp_memory_reference(
     initial_state: State | None = None,
     output_final_state: bool = False,
     detach_inner: bool = False,
+    ema_momentum: bool = False,
 ) -> tuple[torch.Tensor, State | None]:
     """The oracle: a loop over tokens running the per-token update of :func:`dgd_mlp_memory_step`.
 
@@ -141,6 +155,7 @@ def dgd_mlp_memory_reference(
         read=read,
         chunk_size=chunk_size,
         detach_inner=detach_inner,
+        ema_momentum=ema_momentum,
     )
     gates = check(q, k, v, weights, (eta, mu, alpha), initial_state, "initial_state", opts)
     state = initial_state if initial_state is not None else init_mlp_memory_state(weights, len(q))
@@ -177,6 +192,7 @@ def dgd_mlp_memory_chunk(
     initial_state: State | None = None,
     output_final_state: bool = False,
     detach_inner: bool = False,
+    ema_momentum: bool = False,
 ) -> tuple[torch.Tensor, State | None]:
     """Chunked DGD on an MLP memory, parallel within each chunk (the training form).
 
@@ -205,6 +221,8 @@ def dgd_mlp_memory_chunk(
         output_final_state: also return the state after the last token.
         detach_inner: stop-gradient through the surprise, as in :mod:`nestlearn.memory.mlp`:
             ``δ``, ``u``, ``x`` and ``v̂`` from detached ``k``, ``v`` and chunk-start weights.
+        ema_momentum: momentum as an average of past steps, ``S_t = μ_t S_{t−1} − (1 − μ_t)
+            η_t g_t`` (the DGD projection keeps ``η_t``); without ``mu`` it changes nothing.
 
     Returns:
         ``o [B, H, T, Dv]`` and the final state (or None).
@@ -218,6 +236,7 @@ def dgd_mlp_memory_chunk(
         read=read,
         chunk_size=chunk_size,
         detach_inner=detach_inner,
+        ema_momentum=ema_momentum,
     )
     gates = check(q, k, v, weights, (eta, mu, alpha), initial_state, "initial_state", opts)
     state = initial_state if initial_state is not None else init_mlp_memory_state(weights, len(q))
@@ -247,6 +266,7 @@ def dgd_mlp_memory_step(
     chunk_size: int,
     state: State | None = None,
     detach_inner: bool = False,
+    ema_momentum: bool = False,
 ) -> tuple[torch.Tensor, State]:
     """One token: ``q, k [B, H, Dk]``, ``v [B, H, Dv]`` (or ``Dk``), gates ``[B, H]`` ->
     ``o [B, H, Dv]`` and the new state (``state=None``: start from ``weights``). Other arguments
@@ -260,6 +280,7 @@ def dgd_mlp_memory_step(
         read=read,
         chunk_size=chunk_size,
         detach_inner=detach_inner,
+        ema_momentum=ema_momentum,
     )
     gates = check(q, k, v, weights, (eta, mu, alpha), state, "state", opts, step=True)
     state = state if state is not None else init_mlp_memory_state(weights, len(q))
@@ -291,9 +312,10 @@ def token(
         grad_at, k_in, v_in = [x.detach() for x in wc], k.detach(), v.detach()
     deltas, inputs = surprise(grad_at, k_in.unsqueeze(1), v_in.unsqueeze(1), opts)
     new_w, new_s = [], []
+    step = (1 - mu) * eta if opts.ema_momentum and mu is not None else eta
     for W, S, delta, u in zip(w, s, deltas, inputs, strict=True):
         g = linear_gradient(delta[:, 0], u[:, 0])  # [N, out, in]
-        S = momentum(None if mu is None else S, g, mu, eta)
+        S = momentum(None if mu is None else S, g, mu, step)
         W_next = retain(W, alpha) + S
         if opts.dgd:
             # W (α I − η x xᵀ) = α W − (W − W (I − η x xᵀ)): the projection term of DGD.
@@ -335,7 +357,8 @@ def run_chunks(
     (w, s, wc), fused = fuse((w, s, wc), opts)
     outputs = []
     for size, q_, k_, v_, eta_, mu_, alpha_ in zip(sizes, *pieces, strict=True):
-        o, w, s = segment(q_, k_, v_, w, s, wc, coefficients(eta_, mu_, alpha_), fused)
+        coeffs = coefficients(eta_, mu_, alpha_, ema=opts.ema_momentum)
+        o, w, s = segment(q_, k_, v_, w, s, wc, coeffs, fused)
         outputs.append(o)
         pos += size
         if pos == opts.chunk_size:
@@ -406,11 +429,12 @@ class Coefficients(NamedTuple):
 
 
 def coefficients(
-    eta: torch.Tensor, mu: torch.Tensor | None, alpha: torch.Tensor | None
+    eta: torch.Tensor, mu: torch.Tensor | None, alpha: torch.Tensor | None, *, ema: bool = False
 ) -> Coefficients:
     """With ``A[t, j] = Π_{r=j+1..t} α_r`` and ``M[t, s] = Π_{r=s+1..t} μ_r`` (segment products,
     no division): ``G_t = A[t, 0]``, ``c_t = Σ_j A[t, j] M[j, 0]``, ``D = A M`` (``D = A``, no
-    ``c``, without momentum). Gates ``[N, n]``."""
+    ``c``, without momentum). Gates ``[N, n]``. ``ema``: the gradient's step is ``(1 − μ_s) η_s``
+    in ``write`` and ``s_write`` (momentum as an average); the projection keeps ``η``."""
     gates = [torch.ones_like(eta) if alpha is None else alpha, *([] if mu is None else [mu])]
     products = segment_products(torch.stack(gates))  # [1 or 2, N, n+1, n+1]
     retention = products[0]
@@ -423,8 +447,9 @@ def coefficients(
     else:
         persistence = products[1]  # M [N, n+1, n+1]
         mixed = torch.bmm(retention[..., 1:], persistence[:, 1:])  # [N, n+1, n+1]: c, then D
-        carry, write = mixed[..., 0, None], -mixed[..., 1:] * eta.unsqueeze(-2)
-        s_decay, s_write = persistence[:, -1, 0, None, None], -persistence[:, -1, 1:] * eta
+        step = (1 - mu) * eta if ema else eta
+        carry, write = mixed[..., 0, None], -mixed[..., 1:] * step.unsqueeze(-2)
+        s_decay, s_write = persistence[:, -1, 0, None, None], -persistence[:, -1, 1:] * step
     last = slice(-1, None)
     return Coefficients(
         before=Rows(decay[:, :-1], _rows(carry, slice(0, -1)), write[:, :-1], None),

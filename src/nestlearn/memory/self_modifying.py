@@ -4,11 +4,14 @@ keys, values, learning rates, retention gates and targets, all learning in conte
 Per head, on the (convolved, normalized) input ``x_t`` of width ``D``, and ``c(t)`` the state at
 the end of the previous chunk of each memory's own chunk size:
 
-    k_t = normalize(M_{k,c(t)}(x_t))    v_t = M_{v,c(t)}(x_t)    q_t = normalize(x_t W_q)
+    k_t = normalize(M_{k,c(t)}(x_t))    v_t = normalize(M_{v,c(t)}(x_t))    q_t = normalize(x_t W_q)
     η_t = min(softplus(M_{η,c(t)}(x_t) + b_η) · scale, (1 + α_t) / κ)
     α_t = sigmoid(M_{α,c(t)}(x_t) + b_α)
     every memory □ ∈ {k, v, (q), η, α, mem}: one token of chunked DGD with momentum
-    (:mod:`nestlearn.memory.dgd_mlp`) on ½‖M_□(k_t) − v̂_{□,t}‖², v̂_{□,t} = M_{□,c(t)}(v_t)
+    (:mod:`nestlearn.memory.dgd_mlp`) on ½‖M_□(k_t) − v̂_{□,t}‖², v̂_{□,t} = M_{□,c(t)}(v_t),
+    the momentum an average of past steps, S_t = μ S_{t−1} − (1 − μ) η_t g_t (``ema_momentum``,
+    default; False: S_t = μ S_{t−1} − η_t g_t). ``v_t`` is normalized like ``k_t`` and ``q_t``
+    (its only role is the input of the self-generated targets; ``normalize_v=False``: as read).
     y_t = M_{mem,t}(q_t)   (per-token state, dual form; option: the chunk-start state)
 
 ``M_k, M_v, M_q, M_mem`` map ``D -> D`` (residual, ``M(z) = z + MLP(z)``); ``M_η, M_α`` map
@@ -60,6 +63,14 @@ class SelfModifyingOptions:
     variant: str = "self_modifying"  # or "fully_adaptive": shared targets v_t
     read: str = "per_token"  # M_mem read: per_token (dual form) or chunk_start
     eta_scale: float = 0.1  # η_t = softplus(·) · eta_scale, before the clamp
+    # S_t = μ S_{t−1} − (1 − μ) η_t g_t: the gradient's gain 1, as the DGD projection's, so it
+    # cannot outweigh the projection where a self-generated target cancels the L2 pull
+    # (docs/self-modifying-titans.md §7); False: S_t = μ S_{t−1} − η_t g_t (gain 1/(1 − μ)).
+    ema_momentum: bool = True
+    # v_t = normalize(M_{v,c}(x_t)) (self-modifying variant): the self-generated targets
+    # M_{□,c}(v_t) read a unit vector, as every memory input; False: v_t as read, whose scale
+    # grows with M_v's gain, so M_v's own target M_v(M_v(x)) with its square.
+    normalize_v: bool = True
     detach_inner: bool = False  # stop-gradient through every memory's surprise
     # The other memories' reads, coefficients and writes as autograd nodes with hand-written
     # backwards, one each per segment (memory/bank_fused.py, dgd_write.py; L2 objective; once
@@ -177,7 +188,7 @@ def self_modifying_chunk(
     sizes = dgd_mlp.segment_sizes(T, options.other_chunk_size, pos)
     mu_parts = [None] * len(sizes) if mu is None else mu.split(sizes, dim=1)
     # The fixed maps read the input, not a memory: once for the whole sequence.
-    fixed_tokens = {n: _token_of(n, torch.bmm(flat, W.mT)) for n, W in fixed.items()}
+    fixed_tokens = {n: _token_of(n, torch.bmm(flat, W.mT), options) for n, W in fixed.items()}
     fixed_parts = {n: t.split(sizes, dim=1) for n, t in fixed_tokens.items()}
     parts: dict[str, list] = {name: [] for name in ("k", "v", "q", "eta", "alpha")}
     for i, (x_n, mu_n) in enumerate(zip(flat.split(sizes, dim=1), mu_parts, strict=True)):
@@ -292,13 +303,16 @@ def _finish(
     alpha = None
     if params.alpha_bias is not None:
         alpha = torch.sigmoid(raw["alpha"][..., 0] + _per_sequence(params.alpha_bias, B))
-    tokens = {n: _token_of(n, raw[n]) for n in ("k", "v", "q") if n in raw}
+    tokens = {n: _token_of(n, raw[n], options) for n in ("k", "v", "q") if n in raw}
     return {**tokens, "eta": _clamp(eta, alpha, options), "alpha": alpha}
 
 
-def _token_of(name: str, raw: torch.Tensor) -> torch.Tensor:
-    """``k``, ``q``: unit rows; ``v`` as read."""
-    return raw if name == "v" else F.normalize(raw, dim=-1)
+def _token_of(name: str, raw: torch.Tensor, options: SelfModifyingOptions) -> torch.Tensor:
+    """``k``, ``q``: unit rows; ``v`` too where it is the input of the self-generated targets
+    (``normalize_v``, self-modifying variant), else as read (a regression target)."""
+    if name == "v" and not (options.normalize_v and options.variant == "self_modifying"):
+        return raw
+    return F.normalize(raw, dim=-1)
 
 
 def _clamp(
@@ -336,6 +350,7 @@ def _plan(params: SelfModifyingParams, options: SelfModifyingOptions) -> dict[st
             read=options.read,
             chunk_size=options.chunk_size if name == "mem" else options.other_chunk_size,
             detach_inner=options.detach_inner,
+            ema_momentum=options.ema_momentum,
         )
     return plan
 

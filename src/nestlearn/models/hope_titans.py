@@ -38,6 +38,10 @@ class HopeConfig(CMSFields, ModelConfig):
     memory_objective: str = "l2"  # inner objective: "l2" or "dot" (ablation)
     sm_dgd: bool = True  # delta gradient descent (False: plain GD, the "w/o DGD" ablation)
     sm_momentum: bool = True  # inner momentum (False: the "w/o momentum" ablation)
+    # S_t = μ S − (1 − μ) η g (gain 1, stable on repeated tokens); False: S_t = μ S − η g
+    sm_ema_momentum: bool = True
+    # v_t normalized like k_t, q_t (the input of the self-generated targets); False: as read
+    sm_normalize_v: bool = True
     sm_retention: bool = True  # retention α_t (False: the "w/o weight decay" ablation)
     adaptive_q: bool = False  # q from a memory M_q instead of a fixed projection
     fixed_k: bool = False  # k from a fixed projection (the "w/o inner k projection" ablation)
@@ -71,6 +75,8 @@ class HopeModel(HopeLM):
                 conv_size=config.conv_size,
                 dgd=config.sm_dgd,
                 momentum=config.sm_momentum,
+                ema_momentum=config.sm_ema_momentum,
+                normalize_v=config.sm_normalize_v,
                 retention=config.sm_retention,
                 adaptive_q=config.adaptive_q,
                 fixed_k=config.fixed_k,
