@@ -23,7 +23,7 @@ from nestlearn.memory.cms import (
     names_of,
     swiglu,
 )
-from nestlearn.memory.rules import dgd_projection
+from nestlearn.memory.core.rules import dgd_projection
 
 DT = torch.float64
 

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nestlearn.memory.core.rules import get_objective
 from nestlearn.memory.dgd_mlp import (
     dgd_mlp_memory_chunk,
     dgd_mlp_memory_reference,
     dgd_mlp_memory_step,
 )
 from nestlearn.memory.mlp import init_mlp_memory_state, mlp_memory_chunk
-from nestlearn.memory.rules import get_objective
 
 DT = torch.float64
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from nestlearn.memory import mlp, mlp_chunked
+from nestlearn.memory.core.rules import L2
+from nestlearn.memory.core.segments import segment_products
 from nestlearn.memory.mlp import mlp_memory_chunk
 from nestlearn.memory.mlp_chunked import Group, MLPChunks, block_segments, groups, split
 from nestlearn.memory.mlp_segment import segment_products_backward
-from nestlearn.memory.rules import L2
-from nestlearn.memory.segments import segment_products
 from tests.memory.test_mlp import assert_runs_close, gradients, make_case, run
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestlearn.memory.rules import get_objective
+from nestlearn.memory.core.rules import get_objective
 from nestlearn.memory.self_modifying import (
     SelfModifyingOptions,
     SelfModifyingParams,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from nestlearn.memory.rules import dgd_projection
+from nestlearn.memory.core.rules import dgd_projection
 from nestlearn.optim import DeltaGD
 from tests.optim.cases import DT, mse, regression
 

@@ -1,6 +1,6 @@
 """The associative-memory engine: one functional core of update rules, three forms per memory.
 
-- :mod:`~nestlearn.memory.rules`: objectives, momentum, retention, DGD projection (SPEC S-1).
+- :mod:`~nestlearn.memory.core.rules`: objectives, momentum, retention, DGD projection (SPEC S-1).
 - :mod:`~nestlearn.memory.matrix`: linear attention, GLA, DeltaNet, Gated DeltaNet as one op.
 - :mod:`~nestlearn.memory.mlp`: Titans' MLP memory trained by chunked gradient descent.
 - :mod:`~nestlearn.memory.dgd_mlp`, :mod:`~nestlearn.memory.self_modifying`: self-modifying
@@ -11,6 +11,7 @@ Each op has a sequential reference, a chunkwise-parallel form and a one-token st
 signature; derivations are in this folder's README.
 """
 
+from nestlearn.memory.core.rules import get_objective
 from nestlearn.memory.dgd_mlp import (
     dgd_mlp_memory_chunk,
     dgd_mlp_memory_reference,
@@ -28,7 +29,6 @@ from nestlearn.memory.mlp import (
     mlp_memory_reference,
     mlp_memory_step,
 )
-from nestlearn.memory.rules import get_objective
 from nestlearn.memory.self_modifying import (
     SelfModifyingOptions,
     SelfModifyingParams,

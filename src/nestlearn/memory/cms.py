@@ -27,7 +27,7 @@ joins the chunk holding ``s+1``, and the weights used at token ``t`` depend on t
 backprop through the SwiGLU at ``θ_c``.
 
 Two forms with one signature, equal to float error in outputs, states and gradients:
-:func:`cms_level_reference` (a loop over tokens composing :mod:`nestlearn.memory.rules`) and
+:func:`cms_level_reference` (a loop over tokens composing :mod:`nestlearn.memory.core.rules`) and
 :func:`cms_level_chunk` (per chunk one batched forward of ``C + 1`` rows and one batched backward;
 a Python loop over chunks, never over tokens). A one-token call of the chunk form is the
 recurrent step. The state is a plain ``dict[str, Tensor]``:
@@ -52,7 +52,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory.rules import L2, dgd_projection, linear_gradient, momentum
+from nestlearn.memory.core.rules import L2, dgd_projection, linear_gradient, momentum
 
 State = dict[str, torch.Tensor]
 Weights = dict[str, torch.Tensor]
@@ -274,9 +274,9 @@ def cms_level_reference(
     activation: str = "silu",
 ) -> tuple[torch.Tensor, State | None]:
     """The oracle: a loop over tokens; per token, complete the pending pair (one error term by
-    per-token backprop and :func:`~nestlearn.memory.rules.linear_gradient`, one DGD projection by
-    :func:`~nestlearn.memory.rules.dgd_projection`), read, and step at chunk ends. Arguments as
-    :func:`cms_level_chunk`; slow, for tests."""
+    per-token backprop and :func:`~nestlearn.memory.core.rules.linear_gradient`, one DGD
+    projection by :func:`~nestlearn.memory.core.rules.dgd_projection`), read, and step at chunk
+    ends. Arguments as :func:`cms_level_chunk`; slow, for tests."""
     opts = _options(lr, chunk_size, optimizer, momentum, error, detach_inner, activation)
     target_ctx = z if target_ctx is None else target_ctx
     _check(z, weights, key_ctx, target_ctx, initial_state, opts)

@@ -38,8 +38,8 @@ _MASKS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _segment_products(gates: torch.Tensor) -> torch.Tensor:
-    """:func:`nestlearn.memory.segments.segment_products` (the same numbers), the mask made once
-    per size: ``gates [..., n]`` -> ``[..., n+1, n+1]``."""
+    """:func:`nestlearn.memory.core.segments.segment_products` (the same numbers), the mask made
+    once per size: ``gates [..., n]`` -> ``[..., n+1, n+1]``."""
     n = gates.shape[-1] + 1
     key = (n, gates.device)
     if key not in _MASKS:

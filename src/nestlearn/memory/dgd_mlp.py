@@ -20,7 +20,7 @@ else. ``W_c`` becomes the current weights each time ``chunk_size`` tokens have b
 With ``dgd=False`` this is exactly :mod:`nestlearn.memory.mlp` (Titans' chunked GD).
 
 Three forms with one signature agree to float error, outputs, final states and gradients:
-:func:`dgd_mlp_memory_reference` (a loop over tokens composing :mod:`nestlearn.memory.rules`),
+:func:`dgd_mlp_memory_reference` (a loop over tokens composing :mod:`nestlearn.memory.core.rules`),
 :func:`dgd_mlp_memory_chunk` (parallel within each chunk: the UT transform of the matrix-valued
 transition ``α_t I − η_t x_t x_tᵀ``, derived in ``docs/self-modifying-titans.md``) and
 :func:`dgd_mlp_memory_step` (one token, for decoding). Shapes and the state (keys ``w.{i}``,
@@ -38,9 +38,7 @@ import torch.nn.functional as F
 
 from nestlearn.errors import ConfigError
 from nestlearn.memory import mlp
-from nestlearn.memory.matrix import _unit_lower_inverse
-from nestlearn.memory.mlp import ACTIVATIONS, Gate, State, Weights, init_mlp_memory_state
-from nestlearn.memory.rules import (
+from nestlearn.memory.core.rules import (
     Objective,
     dgd_projection,
     get_objective,
@@ -48,7 +46,9 @@ from nestlearn.memory.rules import (
     momentum,
     retain,
 )
-from nestlearn.memory.segments import segment_products
+from nestlearn.memory.core.segments import segment_products
+from nestlearn.memory.matrix import _unit_lower_inverse
+from nestlearn.memory.mlp import ACTIVATIONS, Gate, State, Weights, init_mlp_memory_state
 
 SKIPS = ("none", "identity", "linear")
 TARGETS = ("given", "self")
@@ -211,7 +211,7 @@ def dgd_mlp_memory_chunk(
         eta: ``[B, H, T]`` inner learning rates ``η_t`` (also the DGD projection's step).
         mu: ``[B, H, T]`` momentum ``μ_t`` or None. alpha: ``[B, H, T]`` retention or None (1).
         objective: ``"l2"``, ``"dot"``, ``"huber"`` or an
-            :class:`~nestlearn.memory.rules.Objective`. activation: ``"silu"`` or ``"gelu"``.
+            :class:`~nestlearn.memory.core.rules.Objective`. activation: ``"silu"`` or ``"gelu"``.
         skip: ``"none"``, ``"identity"`` (``M(z) = z + MLP(z)``, needs ``Dk == Dv``) or
             ``"linear"`` (``M(z) = W_s z + MLP(z)``, ``W_s`` written like the other maps).
         dgd: the DGD projection ``−η_t (W x_t) x_tᵀ`` per map; False: plain chunked GD.

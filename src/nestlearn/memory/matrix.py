@@ -1,7 +1,7 @@
 """Matrix memories (SPEC §2.2): linear attention, gated linear attention, DeltaNet, Gated DeltaNet.
 
 One op in three forms under one signature: :func:`matrix_memory_reference` (a loop over tokens
-composing :mod:`nestlearn.memory.rules`), :func:`matrix_memory_chunk` (the chunkwise-parallel
+composing :mod:`nestlearn.memory.core.rules`), :func:`matrix_memory_chunk` (the chunkwise-parallel
 training form, exact up to float error) and :func:`matrix_memory_step` (one token, for decoding);
 :func:`matrix_memory` dispatches. The chunk form is derived in this folder's README; its
 algorithm is in :mod:`nestlearn.memory.matrix_chunk`.
@@ -25,9 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nestlearn.memory.core.rules import Objective, get_objective, linear_gradient, momentum, retain
+
 # _unit_lower_inverse is re-exported: the DGD MLP memory (dgd_mlp.py) imports it from here.
 from nestlearn.memory.matrix_chunk import _unit_lower_inverse, chunk_forward  # noqa: F401
-from nestlearn.memory.rules import Objective, get_objective, linear_gradient, momentum, retain
 
 LINEAR_OBJECTIVES = ("dot", "l2")
 MODES = ("chunk", "reference")

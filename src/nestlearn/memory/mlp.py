@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.errors import ConfigError
+from nestlearn.memory.core.rules import Objective, get_objective, linear_gradient, momentum, retain
 from nestlearn.memory.mlp_chunked import MLPChunks, chunk_forward
 from nestlearn.memory.mlp_segment import mlp_forward as _forward
 from nestlearn.memory.mlp_segment import segment_forward
 from nestlearn.memory.mlp_segment import surprise as _surprise
-from nestlearn.memory.rules import Objective, get_objective, linear_gradient, momentum, retain
 
 State = dict[str, torch.Tensor]
 Gate = torch.Tensor | float
@@ -160,7 +160,7 @@ def mlp_memory_chunk(
         eta: ``[B, H, T]`` inner learning rates ``η_t``. mu: ``[B, H, T]`` momentum ``μ_t`` or
             None (no momentum). alpha: ``[B, H, T]`` retention ``α_t`` or None (keep all).
         objective: ``"l2"`` (``½‖M(k) − v‖²``), ``"dot"`` (``−⟨M(k), v⟩``), ``"huber"`` or any
-            :class:`~nestlearn.memory.rules.Objective`. activation: ``"silu"`` or ``"gelu"``.
+            :class:`~nestlearn.memory.core.rules.Objective`. activation: ``"silu"`` or ``"gelu"``.
         residual: read ``M(x) = x + MLP(x)``. chunk_size: tokens per chunk ``C ≥ 1``.
         initial_state: a state (module docstring) to continue from.
         output_final_state: also return the state after the last token.

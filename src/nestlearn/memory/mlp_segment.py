@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory.rules import L2, DotProduct, Huber
-from nestlearn.memory.segments import segment_products
+from nestlearn.memory.core.rules import L2, DotProduct, Huber
+from nestlearn.memory.core.segments import segment_products
 
 Weights = list[torch.Tensor]
 Grads = list[torch.Tensor | None]

@@ -1,7 +1,7 @@
 """Deep optimizers (SPEC §3): the outer level of the update rules of :mod:`nestlearn.memory`.
 
 Each optimizer is a ``torch.optim.Optimizer`` whose update is built from
-:mod:`nestlearn.memory.rules` (momentum, retention, objectives, the DGD projection); the maths,
+:mod:`nestlearn.memory.core.rules` (momentum, retention, objectives, the DGD projection); the maths,
 what is the paper's and what is ours, 1-D fallbacks and memory costs are in
 ``docs/optimizers.md``.
 

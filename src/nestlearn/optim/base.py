@@ -1,6 +1,6 @@
 """What every optimizer of :mod:`nestlearn.optim` shares: checks, the step loop, the 1-D fallback.
 
-An optimizer here is the *outer level* of the update rules in :mod:`nestlearn.memory.rules`
+An optimizer here is the *outer level* of the update rules in :mod:`nestlearn.memory.core.rules`
 (SPEC §1, §3): a subclass only writes ``_update(param, grad, state, group)`` for one parameter,
 built from those rules; this base class does the rest the same way for all of them:
 

@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
+from nestlearn.memory.core.rules import get_objective, momentum, retain
 from nestlearn.memory.mlp import ACTIVATIONS as MLP_ACTIVATIONS
-from nestlearn.memory.rules import get_objective, momentum, retain
 from nestlearn.optim.base import MemoryOptimizer, apply_update, as_matrix, check_int, check_unit
 
 OBJECTIVES = ("dot", "l2")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nestlearn.memory.rules import momentum, retain
+from nestlearn.memory.core.rules import momentum, retain
 from nestlearn.optim.base import MemoryOptimizer, apply_update, as_matrix, check_unit
 from nestlearn.optim.preconditioners import Preconditioner, get_preconditioner
 

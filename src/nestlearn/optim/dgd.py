@@ -7,7 +7,7 @@ step of size ``η`` with a unit-norm ``x_t`` is, by Sherman–Morrison (SPEC §3
     W_{t+1} = (W_t − η δ_t x_tᵀ)(I + η x_t x_tᵀ)^{-1} = W_t (I − η' x_t x_tᵀ) − η' δ_t x_tᵀ,
     η' = η / (1 + η)
 
-(:func:`nestlearn.memory.rules.dgd_projection` is the first term). ``I − η' x xᵀ`` is
+(:func:`nestlearn.memory.core.rules.dgd_projection` is the first term). ``I − η' x xᵀ`` is
 non-expansive: the projection never grows the weight.
 
 Batched form (ours, not the paper's). An outer step sees ``N`` tokens at once (every position of

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from nestlearn.memory.rules import retain
+from nestlearn.memory.core.rules import retain
 from nestlearn.optim.base import (
     MemoryOptimizer,
     apply_update,

@@ -6,8 +6,9 @@ SPEC S-1 (``R(M) = β M``, an exponential moving average) and Adam's bias correc
 :class:`~nestlearn.optim.adam.AdamMemory` is ``torch.optim.Adam``/``AdamW`` step for step:
 
     M_t = β1 M_{t−1} − (1 − β1) g_t          first moment, stored with the descent sign
-                                              (:func:`~nestlearn.memory.rules.momentum`)
-    H_t = β2 H_{t−1} + (1 − β2) g_t ⊙ g_t     second moment (:func:`~nestlearn.memory.rules.retain`)
+                                              (:func:`~nestlearn.memory.core.rules.momentum`)
+    H_t = β2 H_{t−1} + (1 − β2) g_t ⊙ g_t     second moment
+                                              (:func:`~nestlearn.memory.core.rules.retain`)
     Δ_t = lr · M̂_t / (√Ĥ_t + ε)               M̂ = M / (1 − β1^t), Ĥ = H / (1 − β2^t)
 
 The first moment holds ``−EMA(g)`` (the paper's momentum sign, ``W ← W + Δ``), which is
@@ -20,7 +21,7 @@ import math
 
 import torch
 
-from nestlearn.memory.rules import momentum, retain
+from nestlearn.memory.core.rules import momentum, retain
 
 
 def first_moment(m: torch.Tensor, grad: torch.Tensor, beta: float) -> torch.Tensor:

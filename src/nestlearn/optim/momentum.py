@@ -3,7 +3,7 @@
 The momentum ``m`` is a memory whose inner objective is ``⟨m gᵀ, I⟩ = ⟨m, g⟩`` (NL-18): one GD
 step of size ``η`` on it, with retention ``α`` (SPEC S-1), is
 
-    m_{i+1} = α m_i − η g_i          (:func:`nestlearn.memory.rules.momentum`)
+    m_{i+1} = α m_i − η g_i          (:func:`nestlearn.memory.core.rules.momentum`)
     W_{i+1} = W_i + m_{i+1}          (NL-17; decoupled weight decay as retention of W)
 
 With a constant ``η = lr`` this is ``torch.optim.SGD(lr, momentum=α, dampening=0)`` step for step:
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from nestlearn.memory.rules import momentum
+from nestlearn.memory.core.rules import momentum
 from nestlearn.optim.base import MemoryOptimizer, apply_update, check_unit
 
 

@@ -3,7 +3,7 @@
 With value ``P_i`` the momentum's inner objective becomes ``⟨m gᵀ, P_i⟩`` (NL-19); one GD step of
 size ``η`` with retention ``α`` gives
 
-    m_{i+1} = α m_i − η P_i(g_i)          (:func:`nestlearn.memory.rules.momentum`)
+    m_{i+1} = α m_i − η P_i(g_i)          (:func:`nestlearn.memory.core.rules.momentum`)
     W_{i+1} = W_i + m_{i+1}               (NL-20; decoupled weight decay as retention of W)
 
 ``P_i`` is pluggable (:mod:`nestlearn.optim.preconditioners`): identity (= NL-17), diagonal second
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nestlearn.memory.rules import momentum
+from nestlearn.memory.core.rules import momentum
 from nestlearn.optim.base import MemoryOptimizer, apply_update, as_matrix, check_unit
 from nestlearn.optim.preconditioners import Preconditioner, get_preconditioner
 

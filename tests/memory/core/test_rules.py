@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nestlearn.errors import ConfigError
-from nestlearn.memory.rules import (
+from nestlearn.memory.core.rules import (
     OBJECTIVES,
     dgd_projection,
     get_objective,
