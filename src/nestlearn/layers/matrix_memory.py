@@ -19,8 +19,8 @@ from torch import nn
 
 from nestlearn.layers.memory_heads import MambaDecay, MemoryHeads, State, gate_projection
 from nestlearn.levels import Level
-from nestlearn.memory.fla_kernels import check_kernel, matrix_memory_fla, use_fla
-from nestlearn.memory.matrix import matrix_memory
+from nestlearn.memory.matrix.fla_kernels import check_kernel, matrix_memory_fla, use_fla
+from nestlearn.memory.matrix.forms import matrix_memory
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class MatrixMemoryMixer(nn.Module):
     Training uses the chunkwise-parallel form, decoding the one-token recurrent step; ``mode=
     "reference"`` runs the sequential loop (for checks, not for speed). ``kernel`` = ``"fla"`` or
     ``"auto"`` runs the chunk form with flash-linear-attention's CUDA kernels
-    (:mod:`nestlearn.memory.fla_kernels`).
+    (:mod:`nestlearn.memory.matrix.fla_kernels`).
     """
 
     def __init__(

@@ -17,7 +17,7 @@ from nestlearn.memory.dgd_mlp import (
     dgd_mlp_memory_reference,
     dgd_mlp_memory_step,
 )
-from nestlearn.memory.matrix import (
+from nestlearn.memory.matrix.forms import (
     matrix_memory,
     matrix_memory_chunk,
     matrix_memory_reference,

@@ -47,7 +47,7 @@ from nestlearn.memory.core.rules import (
     retain,
 )
 from nestlearn.memory.core.segments import segment_products
-from nestlearn.memory.matrix import _unit_lower_inverse
+from nestlearn.memory.matrix.chunk import _unit_lower_inverse
 from nestlearn.memory.mlp import ACTIVATIONS, Gate, State, Weights, init_mlp_memory_state
 
 SKIPS = ("none", "identity", "linear")

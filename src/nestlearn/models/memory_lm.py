@@ -19,7 +19,7 @@ from nestlearn.errors import ConfigError
 from nestlearn.layers import RMSNorm, SwiGLU
 from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
 from nestlearn.layers.neural_memory import STEP_SCALES, NeuralMemoryMixer
-from nestlearn.memory.fla_kernels import check_kernel
+from nestlearn.memory.matrix.fla_kernels import check_kernel
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.common import block_state, check_tokens, init_decoder_weights
 from nestlearn.models.finite import (

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestlearn.memory.matrix import (
+from nestlearn.memory.matrix.forms import (
     matrix_memory,
     matrix_memory_chunk,
     matrix_memory_reference,

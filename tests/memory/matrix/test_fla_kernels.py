@@ -16,8 +16,8 @@ import torch
 from nestlearn.config import load_config
 from nestlearn.errors import ConfigError
 from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
-from nestlearn.memory import fla_kernels
-from nestlearn.memory.matrix import matrix_memory_reference
+from nestlearn.memory.matrix import fla_kernels
+from nestlearn.memory.matrix.forms import matrix_memory_reference
 from nestlearn.models.registry import build_model
 
 

@@ -4,7 +4,7 @@ One op in three forms under one signature: :func:`matrix_memory_reference` (a lo
 composing :mod:`nestlearn.memory.core.rules`), :func:`matrix_memory_chunk` (the chunkwise-parallel
 training form, exact up to float error) and :func:`matrix_memory_step` (one token, for decoding);
 :func:`matrix_memory` dispatches. The chunk form is derived in this folder's README; its
-algorithm is in :mod:`nestlearn.memory.matrix_chunk`.
+algorithm is in :mod:`nestlearn.memory.matrix.chunk`.
 
 Layout is head-first: ``q, k [B, H, T, Dk]``, ``v [B, H, T, Dv]``, gates ``[B, H, T]``. The state
 ``S [B, H, Dk, Dv]`` is the transpose of SPEC's memory ``M = Sᵀ ∈ R^{Dv×Dk}`` (so that ``q S``
@@ -26,9 +26,7 @@ import torch
 from torch import Tensor
 
 from nestlearn.memory.core.rules import Objective, get_objective, linear_gradient, momentum, retain
-
-# _unit_lower_inverse is re-exported: the DGD MLP memory (dgd_mlp.py) imports it from here.
-from nestlearn.memory.matrix_chunk import _unit_lower_inverse, chunk_forward  # noqa: F401
+from nestlearn.memory.matrix.chunk import chunk_forward
 
 LINEAR_OBJECTIVES = ("dot", "l2")
 MODES = ("chunk", "reference")

@@ -90,7 +90,7 @@ def matrix_memory_fla(
     initial_state: Tensor | None,
     output_final_state: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`~nestlearn.memory.matrix.matrix_memory_chunk` computed by fla's chunk kernels.
+    """:func:`~nestlearn.memory.matrix.forms.matrix_memory_chunk` computed by fla's chunk kernels.
 
     Same arguments and results (head-first ``[B, H, T, D]`` in and out; fla works time-major
     ``[B, T, H, D]``, so inputs are transposed on the way in and the output on the way out). The

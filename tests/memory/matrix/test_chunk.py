@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory.matrix import (
+from nestlearn.memory.matrix.chunk import _DeltaScan, _unit_lower_inverse, _ut_transform
+from nestlearn.memory.matrix.forms import (
     matrix_memory_chunk,
     matrix_memory_reference,
     matrix_memory_step,
 )
-from nestlearn.memory.matrix_chunk import _DeltaScan, _unit_lower_inverse, _ut_transform
 
 
 def _ut_inputs(n=3, C=5, D1=2, D2=3, seed=0):
