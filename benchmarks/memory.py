@@ -36,7 +36,7 @@ import nestlearn.layers.neural_memory as neural_layer
 from nestlearn.layers.matrix_memory import VARIANTS, MatrixMemoryMixer
 from nestlearn.layers.neural_memory import NeuralMemoryMixer
 from nestlearn.memory.matrix.forms import matrix_memory
-from nestlearn.memory.mlp import mlp_memory_chunk, mlp_memory_reference
+from nestlearn.memory.mlp.forms import mlp_memory_chunk, mlp_memory_reference
 from nestlearn.train.report import markdown_table
 from nestlearn.utils.timing import CLOCKS, best_in_turns
 

@@ -15,7 +15,7 @@ from nestlearn.layers.rope import apply_rope, rope_tables
 from nestlearn.layers.sliding_attention import SlidingWindowAttention
 from nestlearn.layers.titans import MemoryAsGate, MemoryAsLayer
 from nestlearn.layers.titans_mac import MemoryAsContext, memory_read
-from nestlearn.memory.mlp import mlp_memory_chunk
+from nestlearn.memory.mlp.forms import mlp_memory_chunk
 
 DT = torch.float64
 D_MODEL, H, D = 10, 2, 3

@@ -24,7 +24,7 @@ from nestlearn.memory.dgd_mlp import (
     dgd_mlp_memory_reference,
     dgd_mlp_memory_step,
 )
-from nestlearn.memory.mlp import init_mlp_memory_state, mlp_memory_chunk
+from nestlearn.memory.mlp.forms import init_mlp_memory_state, mlp_memory_chunk
 
 DT = torch.float64
 

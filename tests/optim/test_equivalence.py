@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestlearn.memory.mlp import mlp_memory_reference
+from nestlearn.memory.mlp.forms import mlp_memory_reference
 from nestlearn.optim import (
     AdamMemory,
     DeepMomentum,

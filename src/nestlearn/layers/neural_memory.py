@@ -46,7 +46,7 @@ from torch import nn
 
 from nestlearn.layers.memory_heads import MemoryHeads, State, gate_projection
 from nestlearn.levels import Level
-from nestlearn.memory.mlp import (
+from nestlearn.memory.mlp.forms import (
     init_mlp_memory_state,
     mlp_memory_chunk,
     mlp_memory_reference,

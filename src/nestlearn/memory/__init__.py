@@ -23,7 +23,7 @@ from nestlearn.memory.matrix.forms import (
     matrix_memory_reference,
     matrix_memory_step,
 )
-from nestlearn.memory.mlp import (
+from nestlearn.memory.mlp.forms import (
     init_mlp_memory_state,
     mlp_memory_chunk,
     mlp_memory_reference,

@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.errors import ConfigError
-from nestlearn.memory import mlp
 from nestlearn.memory.core.rules import (
     Objective,
     dgd_projection,
@@ -48,7 +47,8 @@ from nestlearn.memory.core.rules import (
 )
 from nestlearn.memory.core.segments import segment_products
 from nestlearn.memory.matrix.chunk import _unit_lower_inverse
-from nestlearn.memory.mlp import ACTIVATIONS, Gate, State, Weights, init_mlp_memory_state
+from nestlearn.memory.mlp import forms as mlp
+from nestlearn.memory.mlp.forms import ACTIVATIONS, Gate, State, Weights, init_mlp_memory_state
 
 SKIPS = ("none", "identity", "linear")
 TARGETS = ("given", "self")

@@ -42,8 +42,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory import bank, dgd_mlp, mlp
-from nestlearn.memory.mlp import State, init_mlp_memory_state
+from nestlearn.memory import bank, dgd_mlp
+from nestlearn.memory.mlp import forms as mlp
+from nestlearn.memory.mlp.forms import State, init_mlp_memory_state
 
 OTHERS = ("k", "v", "q", "eta", "alpha")
 MEMORIES = (*OTHERS, "mem")

@@ -25,7 +25,7 @@ Decisions (ours; the print is loose here, SPEC §3 asks us to document them):
   linear memory read at ``g`` itself cannot give momentum, which DMGD generalizes (and NL-24 needs
   to recover Muon).
 - All rows of ``g`` are written at the same ``θ_i`` (one chunk of the engine's chunked GD, tested
-  against :func:`nestlearn.memory.mlp.mlp_memory_reference`).
+  against :func:`nestlearn.memory.mlp.forms.mlp_memory_reference`).
 - Retention ``R_α`` multiplies the *output* map ``A_L`` by ``α``; the feature maps
   ``A_1..A_{L−1}`` are kept (retention 1). With ``α`` on every map the product ``A_L φ(A_1)``
   either collapses to 0 (when ``η‖g‖ < 1 − α`` the origin is a stable fixed point of the
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from nestlearn.memory.core.rules import get_objective, momentum, retain
-from nestlearn.memory.mlp import ACTIVATIONS as MLP_ACTIVATIONS
+from nestlearn.memory.mlp.forms import ACTIVATIONS as MLP_ACTIVATIONS
 from nestlearn.optim.base import MemoryOptimizer, apply_update, as_matrix, check_int, check_unit
 
 OBJECTIVES = ("dot", "l2")

@@ -11,7 +11,7 @@ with ``Ŵ = −D ⊙ 𝟙ηᵀ`` (``D = A M``, ``c = A M[:, 0]``, ``G = A[:, 0]`
 ``m̂_n = −M[n, 1:] ⊙ η``, and ``(Δ_i, U_i)`` each map's errors and inputs when the keys go through
 the MLP at ``W_c`` (the surprise). Pieces: :func:`coefficients`, :func:`surprise_saving`,
 :func:`reads_forward`, :func:`end_forward`, each with a ``*_backward`` that writes the chain rule
-out with batched matmuls (README, "Backward"); :mod:`nestlearn.memory.mlp_chunked` assembles them
+out with batched matmuls (README, "Backward"); :mod:`nestlearn.memory.mlp.chunk` assembles them
 into one autograd node per call, and :func:`segment_forward` composes the forwards for autograd
 (the reference the hand-written backward is tested against). Shapes: ``M`` rows (sequences ×
 heads, or segments × sequences × heads), ``n`` tokens, matrices ``[M, out, in]``.

@@ -8,7 +8,7 @@ surprises are known, are independent across segments. :class:`MLPChunks` therefo
 * forward: computes the coefficients of all segments at once, runs the sequential loop
   (surprise, end of segment) and, after each block of consecutive segments, the block's reads
   (its segments folded into the batch: one ``bmm`` over ``segments × B × H`` per product);
-* backward (hand-written, :mod:`nestlearn.memory.mlp_segment`): the reverse loop over segments
+* backward (hand-written, :mod:`nestlearn.memory.mlp.segment`): the reverse loop over segments
   (end of segment and surprise, carrying ``dW, dS`` back), entering each block with its reads'
   gradients (they need no gradient from later segments), then the gates' gradients at once.
 
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from nestlearn.memory.mlp_segment import (
+from nestlearn.memory.mlp.segment import (
     Grads,
     Weights,
     add_grads,

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nestlearn.memory.core.rules import get_objective
-from nestlearn.memory.mlp import (
+from nestlearn.memory.mlp.forms import (
     init_mlp_memory_state,
     mlp_memory_chunk,
     mlp_memory_reference,

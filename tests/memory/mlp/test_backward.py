@@ -1,5 +1,5 @@
-"""The hand-written backward of the MLP memory's chunk form (memory/mlp_chunked.py,
-memory/mlp_segment.py) against autograd of the same forward, and torch.autograd.gradcheck.
+"""The hand-written backward of the MLP memory's chunk form (memory/mlp/chunk.py,
+memory/mlp/segment.py) against autograd of the same forward, and torch.autograd.gradcheck.
 
 ``mlp._HAND_WRITTEN_BACKWARD = False`` runs the chunk form segment by segment under autograd (the
 formulation before the hand-written backward); both must give the same outputs, final states and
@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nestlearn.memory import mlp, mlp_chunked
 from nestlearn.memory.core.rules import L2
 from nestlearn.memory.core.segments import segment_products
-from nestlearn.memory.mlp import mlp_memory_chunk
-from nestlearn.memory.mlp_chunked import Group, MLPChunks, block_segments, groups, split
-from nestlearn.memory.mlp_segment import segment_products_backward
-from tests.memory.test_mlp import assert_runs_close, gradients, make_case, run
+from nestlearn.memory.mlp import chunk as mlp_chunked
+from nestlearn.memory.mlp import forms as mlp
+from nestlearn.memory.mlp.chunk import Group, MLPChunks, block_segments, groups, split
+from nestlearn.memory.mlp.forms import mlp_memory_chunk
+from nestlearn.memory.mlp.segment import segment_products_backward
+from tests.memory.mlp.test_forms import assert_runs_close, gradients, make_case, run
 
 
 @dataclass(frozen=True)

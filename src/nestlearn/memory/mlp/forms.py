@@ -18,7 +18,7 @@ share one signature and agree to float error, outputs, final states and gradient
 derived in this folder's README, "MLP memories") and :func:`mlp_memory_step` (one token, for
 decoding). All are differentiable end to end, into ``q, k, v``, the gates, the initial weights and
 the initial state (meta-learning of the inner level); the chunk form is one autograd node with a
-hand-written backward (:mod:`nestlearn.memory.mlp_chunked`; README, "Backward"), exact but not
+hand-written backward (:mod:`nestlearn.memory.mlp.chunk`; README, "Backward"), exact but not
 twice differentiable.
 
 Shapes: ``q, k [B, H, T, Dk]``, ``v [B, H, T, Dv]``, gates ``eta, mu, alpha [B, H, T]`` (or Python
@@ -48,17 +48,17 @@ import torch.nn.functional as F
 
 from nestlearn.errors import ConfigError
 from nestlearn.memory.core.rules import Objective, get_objective, linear_gradient, momentum, retain
-from nestlearn.memory.mlp_chunked import MLPChunks, chunk_forward
-from nestlearn.memory.mlp_segment import mlp_forward as _forward
-from nestlearn.memory.mlp_segment import segment_forward
-from nestlearn.memory.mlp_segment import surprise as _surprise
+from nestlearn.memory.mlp.chunk import MLPChunks, chunk_forward
+from nestlearn.memory.mlp.segment import mlp_forward as _forward
+from nestlearn.memory.mlp.segment import segment_forward
+from nestlearn.memory.mlp.segment import surprise as _surprise
 
 State = dict[str, torch.Tensor]
 Gate = torch.Tensor | float
 Weights = list[torch.Tensor]
 
 # False: the chunk form segment by segment under autograd (:func:`_chunk_loop`), the formulation
-# the hand-written backward of :mod:`nestlearn.memory.mlp_chunked` is tested against.
+# the hand-written backward of :mod:`nestlearn.memory.mlp.chunk` is tested against.
 _HAND_WRITTEN_BACKWARD = True
 
 
