@@ -13,7 +13,7 @@ settings, ``dim=256``, the same chunk sizes), optional: ``pip install nested-lea
 of ``--repeats``, in turns (a, b, a, b, ...) so that a burst of load on a shared machine hits all
 of them alike. The issue's target: ours with gradients >= 10x theirs. ``--autograd-bank`` also
 times ours with the other memories' segments (reads, coefficients, writes) through plain
-autograd (``fused_bank=False``, the formulation before ``memory/bank_fused.py``), in the same
+autograd (``fused_bank=False``, the formulation before ``memory/dgd/bank_fused.py``), in the same
 turns.
 """
 

@@ -31,7 +31,7 @@ from nestlearn.layers.memory_heads import State
 from nestlearn.layers.norm import RMSNorm
 from nestlearn.layers.short_conv import ShortConv
 from nestlearn.levels import Level
-from nestlearn.memory import dgd_mlp
+from nestlearn.memory.dgd import forms as dgd_mlp
 from nestlearn.memory.self_modifying import (
     GATES,
     VARIANTS,

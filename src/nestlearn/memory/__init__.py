@@ -3,7 +3,7 @@
 - :mod:`~nestlearn.memory.core.rules`: objectives, momentum, retention, DGD projection (SPEC S-1).
 - :mod:`~nestlearn.memory.matrix`: linear attention, GLA, DeltaNet, Gated DeltaNet as one op.
 - :mod:`~nestlearn.memory.mlp`: Titans' MLP memory trained by chunked gradient descent.
-- :mod:`~nestlearn.memory.dgd_mlp`, :mod:`~nestlearn.memory.self_modifying`: self-modifying
+- :mod:`~nestlearn.memory.dgd.forms`, :mod:`~nestlearn.memory.self_modifying`: self-modifying
   Titans (MLP memories written by delta gradient descent; ``docs/self-modifying-titans.md``).
 - :mod:`~nestlearn.memory.cms`: the Continuum Memory System's levels (``docs/cms.md``).
 
@@ -12,7 +12,7 @@ signature; derivations are in this folder's README.
 """
 
 from nestlearn.memory.core.rules import get_objective
-from nestlearn.memory.dgd_mlp import (
+from nestlearn.memory.dgd.forms import (
     dgd_mlp_memory_chunk,
     dgd_mlp_memory_reference,
     dgd_mlp_memory_step,

@@ -8,7 +8,7 @@ the end of the previous chunk of each memory's own chunk size:
     η_t = min(softplus(M_{η,c(t)}(x_t) + b_η) · scale, (1 + α_t) / κ)
     α_t = sigmoid(M_{α,c(t)}(x_t) + b_α)
     every memory □ ∈ {k, v, (q), η, α, mem}: one token of chunked DGD with momentum
-    (:mod:`nestlearn.memory.dgd_mlp`) on ½‖M_□(k_t) − v̂_{□,t}‖², v̂_{□,t} = M_{□,c(t)}(v_t),
+    (:mod:`nestlearn.memory.dgd.forms`) on ½‖M_□(k_t) − v̂_{□,t}‖², v̂_{□,t} = M_{□,c(t)}(v_t),
     the momentum an average of past steps, S_t = μ S_{t−1} − (1 − μ) η_t g_t (``ema_momentum``,
     default; False: S_t = μ S_{t−1} − η_t g_t). ``v_t`` is normalized like ``k_t`` and ``q_t``
     (its only role is the input of the self-generated targets; ``normalize_v=False``: as read).
@@ -25,8 +25,8 @@ memories, ``α`` may be absent (no retention), ``μ`` (a per-head momentum) too.
 Because the other memories are read only at their chunk-start states, the chunk form first runs
 them chunk by chunk (``other_chunk_size``, parallel within a chunk, memories of one shape batched
 together), which yields ``k, v, q, η, α`` for every token, then runs ``M_mem`` with its own chunk
-size in one :func:`nestlearn.memory.dgd_mlp.run_chunks` call. The reference is one loop over
-tokens calling :func:`nestlearn.memory.dgd_mlp.token` per memory; the step is one of its tokens.
+size in one :func:`nestlearn.memory.dgd.forms.run_chunks` call. The reference is one loop over
+tokens calling :func:`nestlearn.memory.dgd.forms.token` per memory; the step is one of its tokens.
 Derivation and decisions: ``docs/self-modifying-titans.md``.
 
 Shapes: ``x [B, H, T, D]``, output ``y [B, H, T, D]``. The state is a flat dict with, per memory
@@ -42,7 +42,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory import bank, dgd_mlp
+from nestlearn.memory.dgd import bank
+from nestlearn.memory.dgd import forms as dgd_mlp
 from nestlearn.memory.mlp import forms as mlp
 from nestlearn.memory.mlp.forms import State, init_mlp_memory_state
 
@@ -74,7 +75,7 @@ class SelfModifyingOptions:
     normalize_v: bool = True
     detach_inner: bool = False  # stop-gradient through every memory's surprise
     # The other memories' reads, coefficients and writes as autograd nodes with hand-written
-    # backwards, one each per segment (memory/bank_fused.py, dgd_write.py; L2 objective; once
+    # backwards, one each per segment (memory/dgd/bank_fused.py, dgd/write.py; L2 objective; once
     # differentiable); False: plain autograd, the reference formulation.
     fused_bank: bool = True
 
@@ -177,7 +178,7 @@ def self_modifying_chunk(
     mu = _mu(params, x)
     flat = x.flatten(0, 1)  # [B·H, T, D]
     fixed = _fixed(params, B)
-    # The other memories as one bank (memory/bank.py): one map for all the maps that read the
+    # The other memories as one bank (memory/dgd/bank.py): one map for all the maps that read the
     # input, one batch of second maps; one set of coefficients, as they share η, μ, α.
     names = [n for n in OTHERS if n in params.memories]
     lay = bank.layout(params.memories, names)
@@ -234,7 +235,7 @@ def _others_segment(
     fixed: Mapping[str, torch.Tensor],
     options: SelfModifyingOptions,
 ) -> tuple[dict[str, torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
-    """One chunk segment of the other memories (a :mod:`~nestlearn.memory.bank`), tokens
+    """One chunk segment of the other memories (a :mod:`~nestlearn.memory.dgd.bank`), tokens
     ``x [N, n, D]``: their ``k, v, q, η, α`` from the chunk-start weights ``wc`` (``fixed``: the
     tokens of the fixed maps, given), then the bank's weights and momenta after writing them."""
     raw = dict(zip(lay.names, bank.read(lay, wc, x, opts, fused=options.fused_bank), strict=True))
@@ -264,7 +265,7 @@ def _token(
     B: int,
 ) -> tuple[torch.Tensor, dict[str, _Memory]]:
     """SPEC §5 for one token ``x [B·H, D]``: inputs from the chunk-start states, then one DGD
-    token per memory (:func:`nestlearn.memory.dgd_mlp.token`), the read of ``M_mem``."""
+    token per memory (:func:`nestlearn.memory.dgd.forms.token`), the read of ``M_mem``."""
     raw = {
         name: dgd_mlp.forward(memory.wc, x.unsqueeze(1), plan[name])[0]
         for name, memory in memories.items()

@@ -1,9 +1,9 @@
 """The fused bank segment (one autograd node, hand-written backward) against autograd.
 
 ``torch.autograd.gradcheck`` (float64, finite differences) checks the hand-written backward of
-:class:`nestlearn.memory.bank_fused._BankSegment` through every input: keys, target inputs or
+:class:`nestlearn.memory.dgd.bank_fused._BankSegment` through every input: keys, target inputs or
 given targets, the start weights and momenta, the chunk-start weights and the gates (through the
-coefficients); and the fused segment must equal :func:`nestlearn.memory.bank.segment_autograd`,
+coefficients); and the fused segment must equal :func:`nestlearn.memory.dgd.bank.segment_autograd`,
 the previous formulation, outputs and gradients, over the switches of SPEC §5.
 """
 
@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.layers.self_modifying import SelfModifyingTitansMixer
-from nestlearn.memory import bank, bank_fused, dgd_gates, dgd_mlp, dgd_write
+from nestlearn.memory.dgd import bank, bank_fused
+from nestlearn.memory.dgd import forms as dgd_mlp
+from nestlearn.memory.dgd import gates as dgd_gates
+from nestlearn.memory.dgd import write as dgd_write
 
 DT = torch.float64
 

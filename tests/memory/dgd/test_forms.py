@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nestlearn.memory.core.rules import get_objective
-from nestlearn.memory.dgd_mlp import (
+from nestlearn.memory.dgd.forms import (
     dgd_mlp_memory_chunk,
     dgd_mlp_memory_reference,
     dgd_mlp_memory_step,

@@ -1,9 +1,10 @@
 """One linear map written over a segment by chunked DGD: forward and hand-derived backward.
 
-The write of :func:`nestlearn.memory.dgd_mlp.write_map` + :func:`~nestlearn.memory.dgd_mlp.end_map`
-(SPEC §5; ``docs/self-modifying-titans.md`` §2) as plain tensor maths, without autograd, for the
-fused segment of :mod:`nestlearn.memory.bank_fused`. Per map, from ``W_0, S_0 [B, O, I]``, the
-errors ``Δ [B, n, O]`` and inputs ``U [B, n, I]`` of the surprise, ``X = U / ‖U‖`` (rows):
+The write of :func:`nestlearn.memory.dgd.forms.write_map` +
+:func:`~nestlearn.memory.dgd.forms.end_map` (SPEC §5; ``docs/self-modifying-titans.md`` §2) as
+plain tensor maths, without autograd, for the fused segment of
+:mod:`nestlearn.memory.dgd.bank_fused`. Per map, from ``W_0, S_0 [B, O, I]``, the errors
+``Δ [B, n, O]`` and inputs ``U [B, n, I]`` of the surprise, ``X = U / ‖U‖`` (rows):
 
     R   = diag(G_b) X W_0ᵀ + diag(c_b) X S_0ᵀ + (W_b ⊙ X Uᵀ) Δ       reads before each token
     P   = (I + L)⁻¹ R,   L = lower ⊙ X Xᵀ (strictly lower)             the UT transform
@@ -20,7 +21,7 @@ A write is split in two: :func:`inputs_forward` (what depends on ``U`` only: ``X
 and :func:`map_forward` per map (``R``, ``P``, ``W_n``, ``S_n``); backward
 :func:`map_backward` per map, then :func:`inputs_backward` once on their gathered gradients
 (:func:`concat`). The coefficients from the gates, as one autograd node:
-:func:`nestlearn.memory.dgd_gates.gate_coefficients`.
+:func:`nestlearn.memory.dgd.gates.gate_coefficients`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ EPS = 1e-12  # F.normalize's
 
 class WriteCoefficients(NamedTuple):
     """The coefficient tensors of one segment of ``n`` tokens (``N`` rows; see
-    :func:`nestlearn.memory.dgd_mlp.coefficients`); ``None`` where momentum is off."""
+    :func:`nestlearn.memory.dgd.forms.coefficients`); ``None`` where momentum is off."""
 
     b_decay: torch.Tensor  # G_t, t = 0..n−1, [N, n, 1]
     b_carry: torch.Tensor | None  # c_t, [N, n, 1]

@@ -1,8 +1,8 @@
 """The coefficients of a DGD segment's write from its gates, as one autograd node.
 
-:func:`gate_coefficients` gives the :class:`~nestlearn.memory.dgd_write.WriteCoefficients` of
-:func:`nestlearn.memory.dgd_mlp.coefficients` (SPEC §5; ``docs/self-modifying-titans.md`` §2) for
-the fused bank segment (:mod:`nestlearn.memory.bank_fused`), with a hand-written backward.
+:func:`gate_coefficients` gives the :class:`~nestlearn.memory.dgd.write.WriteCoefficients` of
+:func:`nestlearn.memory.dgd.forms.coefficients` (SPEC §5; ``docs/self-modifying-titans.md`` §2) for
+the fused bank segment (:mod:`nestlearn.memory.dgd.bank_fused`), with a hand-written backward.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from nestlearn.memory.dgd_write import WriteCoefficients
+from nestlearn.memory.dgd.write import WriteCoefficients
 
 
 def gate_coefficients(
     eta: torch.Tensor, mu: torch.Tensor | None, alpha: torch.Tensor | None, *, ema: bool = False
 ) -> WriteCoefficients:
     """The :class:`WriteCoefficients` of gates ``[N, n]`` (``mu``, ``alpha`` None: no momentum,
-    no retention): the write coefficients among :func:`nestlearn.memory.dgd_mlp.coefficients`'s
+    no retention): the write coefficients among :func:`nestlearn.memory.dgd.forms.coefficients`'s
     numbers (``before.{decay, carry, write}``, ``lower``, ``end.{decay, carry, write, project}``,
     ``s_decay``, ``s_write``), as one autograd node.
 

@@ -1,8 +1,8 @@
 """One segment of a memory bank's write as a single autograd node, with a hand-written backward.
 
-The same numbers as :func:`nestlearn.memory.bank.segment_autograd` (SPEC §5): the surprise of
+The same numbers as :func:`nestlearn.memory.dgd.bank.segment_autograd` (SPEC §5): the surprise of
 every memory of the bank at its chunk-start weights ``F_c, G_c`` (one forward of ``[k; v]``, the
-manual backprop to ``δ``), then the two DGD writes of :mod:`nestlearn.memory.dgd_write`. The
+manual backprop to ``δ``), then the two DGD writes of :mod:`nestlearn.memory.dgd.write`. The
 other memories' segments are most of the time of self-modifying Titans on the CPU: ``T / C``
 sequential segments of small products, where autograd records ~200 operations forward and runs
 ~400 backward, many of them full-size temporaries of the weights. Here the forward runs without
@@ -10,8 +10,8 @@ recording and the backward is the chain rule written out once, accumulating in p
 second-order terms of the surprise (the outer gradient of ``δ = (E G_c) ⊙ σ'(pre)``) need
 ``σ''``: SiLU and GELU are supported.
 
-Forward, per memory ``m`` (rows of ``F`` and ``G`` as :mod:`nestlearn.memory.bank`), ``Z = [k; v]``
-(self targets) or ``k`` (given targets ``T``):
+Forward, per memory ``m`` (rows of ``F`` and ``G`` as :mod:`nestlearn.memory.dgd.bank`),
+``Z = [k; v]`` (self targets) or ``k`` (given targets ``T``):
 
     pre, lin = Z F_cᵀ;   hid = σ(pre);   out = hid G_cᵀ + skip(Z)      skip: Z, or lin (padded)
     E = out_k − out_v (or out_k − T);    δ_G = E;   δ_F = [(E G_c) ⊙ σ'(pre_k), E_lin]
@@ -22,7 +22,7 @@ not padded to the widest: ``G``'s padding rows are zero by construction (``bank.
 zero (zero error), so they are left out of the products and written as zeros, gradients too.
 
 What a write computes from its inputs alone (``X``, the Gram matrices, the UT inverse, the
-inputs scaled by the coefficients: :class:`nestlearn.memory.dgd_write.Inputs`) is computed once
+inputs scaled by the coefficients: :class:`nestlearn.memory.dgd.write.Inputs`) is computed once
 for ``F`` and every run of ``G`` when ``D == h`` (``U = [k; σ(pre_k)]`` stacked on the batch, as
 ``M + 1`` maps), else once for ``F`` and once for ``G``; the backward gathers their gradients
 and runs the inputs' part once too. A segment that starts a chunk has ``F_c = F_0`` (the same
@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from nestlearn.memory.dgd_mlp import Options
-from nestlearn.memory.dgd_write import (
+from nestlearn.memory.dgd.forms import Options
+from nestlearn.memory.dgd.write import (
     WriteCoefficients,
     concat,
     inputs_backward,
@@ -54,7 +54,7 @@ from nestlearn.memory.dgd_write import (
 )
 
 if TYPE_CHECKING:
-    from nestlearn.memory.bank import Layout
+    from nestlearn.memory.dgd.bank import Layout
 
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ SECOND = {F.silu: _silu_second, F.gelu: _gelu_second}
 
 
 def supported(opts: Options) -> bool:
-    """Whether :func:`segment` handles these :class:`~nestlearn.memory.dgd_mlp.Options`."""
+    """Whether :func:`segment` handles these :class:`~nestlearn.memory.dgd.forms.Options`."""
     return opts.objective.name == "l2" and opts.sigma in SIGMA
 
 
@@ -101,7 +101,7 @@ def runs(lay: Layout) -> list[tuple[int, int, int]]:
 
 
 def _places(lay: Layout, N: int, shared: bool) -> list[tuple[int, slice]]:
-    """Per map (``F``, then the runs of ``G``): which :class:`~nestlearn.memory.dgd_write.Inputs`
+    """Per map (``F``, then the runs of ``G``): which :class:`~nestlearn.memory.dgd.write.Inputs`
     it reads and its rows there. ``shared`` (``D == h``): one for all, ``[k; σ(pre_k)]``;
     else one for ``F`` (``k``) and one for ``G`` (``σ(pre_k)``)."""
     offset, group = (N, 0) if shared else (0, 1)
@@ -292,8 +292,8 @@ def segment(
     c: WriteCoefficients,
     opts: Options,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """:func:`nestlearn.memory.bank.segment_autograd`'s numbers as one autograd node (arguments
-    as there, coefficients as :class:`~nestlearn.memory.dgd_write.WriteCoefficients`)."""
+    """:func:`nestlearn.memory.dgd.bank.segment_autograd`'s numbers as one autograd node (arguments
+    as there, coefficients as :class:`~nestlearn.memory.dgd.write.WriteCoefficients`)."""
     has_momentum = c.s_decay is not None
     SF0, SG0 = (s[0], s[1]) if has_momentum else (None, None)
     F_n, G_n, SF_n, SG_n = _BankSegment.apply(
@@ -346,7 +346,7 @@ def _outputs(
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Every memory on ``z [N, m, D]`` at ``F_c, G_c``: the pre-activations and hidden units
     ``[M·N, m, h]`` and per run of one output width ``out [run, N, m, o] = σ(z F_cᵀ) G_cᵀ +
-    skip(z)`` (:func:`nestlearn.memory.bank.forward`'s numbers, unpadded)."""
+    skip(z)`` (:func:`nestlearn.memory.dgd.bank.forward`'s numbers, unpadded)."""
     M, h, N, m = len(lay.names), lay.hidden, z.shape[0], z.shape[1]
     offsets = _skip_offsets(lay)
     projected = torch.bmm(z, FC.mT)  # [N, m, R]
@@ -375,7 +375,7 @@ def _skip_offsets(lay: Layout) -> dict[int, int]:
 
 def read(lay: Layout, wc: list[torch.Tensor], z: torch.Tensor, opts: Options) -> list[torch.Tensor]:
     """Every memory of the bank on ``z [N, n, D]`` at the weights ``wc = [F, G]``: per memory its
-    output ``[N, n, out_m]``; the numbers of :func:`nestlearn.memory.bank.forward` (unpadded) as
+    output ``[N, n, out_m]``; the numbers of :func:`nestlearn.memory.dgd.bank.forward` (unpadded) as
     one autograd node (σ of :data:`SIGMA`)."""
     outs = _BankRead.apply((lay, opts), z, wc[0], wc[1])
     return [x for out in outs for x in out.unbind(0)]

@@ -9,8 +9,8 @@ gradient input ``u = k`` and DGD input ``x = k / ‖k‖``; their rows evolve in
 are written as **one** map ``F`` (rows concatenated); the second maps ``W_{1,m}`` (inputs
 ``σ(W_{0,m} k)``, one per memory) are stacked along the batch as ``G``, their outputs padded to
 the widest (a zero row has zero error and stays zero: exact). One segment of the chunk form is
-then two maps' worth of :mod:`nestlearn.memory.dgd_mlp` machinery for all the memories at once,
-instead of two per memory; the numbers are those of :func:`nestlearn.memory.dgd_mlp.segment`
+then two maps' worth of :mod:`nestlearn.memory.dgd.forms` machinery for all the memories at once,
+instead of two per memory; the numbers are those of :func:`nestlearn.memory.dgd.forms.segment`
 run per memory (tested against the per-token reference).
 
 Layout: ``F [N, R, D]`` with ``R = M·h + Σ_{linear m} out_m`` (the hidden blocks in memory
@@ -25,8 +25,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory import bank_fused, dgd_gates
-from nestlearn.memory.dgd_mlp import Coefficients, Options, coefficients, end_map, write_map
+from nestlearn.memory.dgd import bank_fused
+from nestlearn.memory.dgd import gates as dgd_gates
+from nestlearn.memory.dgd.forms import Coefficients, Options, coefficients, end_map, write_map
 
 
 class Layout(NamedTuple):
@@ -106,8 +107,8 @@ def read(
     lay: Layout, bank: Sequence[torch.Tensor], z: torch.Tensor, opts: Options, *, fused: bool = True
 ) -> list[torch.Tensor]:
     """Per memory, its output ``[N, n, out_m]`` on ``z [N, n, D]``: :func:`forward`'s numbers;
-    by default (``fused``, when :func:`nestlearn.memory.bank_fused.supported`) as one autograd
-    node, :func:`nestlearn.memory.bank_fused.read`."""
+    by default (``fused``, when :func:`nestlearn.memory.dgd.bank_fused.supported`) as one autograd
+    node, :func:`nestlearn.memory.dgd.bank_fused.read`."""
     if fused and bank_fused.supported(opts):
         return bank_fused.read(lay, list(bank), z, opts)
     out = forward(lay, bank, z, opts)[0]  # [M, N, n, O]
@@ -129,10 +130,10 @@ def segment(
     fused: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """:func:`segment_autograd`'s numbers from the gates ``η, μ, α [N, n]`` (``μ``, ``α`` may be
-    None); by default (``fused``, when :func:`nestlearn.memory.bank_fused.supported`) as two
+    None); by default (``fused``, when :func:`nestlearn.memory.dgd.bank_fused.supported`) as two
     autograd nodes with hand-written backwards, the coefficients
-    (:func:`nestlearn.memory.dgd_gates.gate_coefficients`) and the write
-    (:func:`nestlearn.memory.bank_fused.segment`)."""
+    (:func:`nestlearn.memory.dgd.gates.gate_coefficients`) and the write
+    (:func:`nestlearn.memory.dgd.bank_fused.segment`)."""
     if fused and bank_fused.supported(opts):
         c = dgd_gates.gate_coefficients(*gates, ema=opts.ema_momentum)
         return bank_fused.segment(lay, w, s, wc, k, v, targets, c, opts)
@@ -151,7 +152,7 @@ def segment_autograd(
     coeffs: Coefficients,
     opts: Options,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One segment of :func:`nestlearn.memory.dgd_mlp.segment` (no reads) for every memory of
+    """One segment of :func:`nestlearn.memory.dgd.forms.segment` (no reads) for every memory of
     the bank: keys ``k [N, n, D]``; targets ``M_{m,c}(v)`` (``targets=None``, ``v [N, n, D]``)
     or given, ``[M, N, n, O]``. Returns the bank's weights and momenta after the segment."""
     M, n = len(lay.names), k.shape[1]
