@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory.dgd import bank
+from nestlearn.memory.dgd import bank, bank_layout
 from nestlearn.memory.dgd import forms as dgd_mlp
 from nestlearn.memory.mlp import forms as mlp
 from nestlearn.memory.mlp.forms import State, init_mlp_memory_state
@@ -181,10 +181,10 @@ def self_modifying_chunk(
     # The other memories as one bank (memory/dgd/bank.py): one map for all the maps that read the
     # input, one batch of second maps; one set of coefficients, as they share η, μ, α.
     names = [n for n in OTHERS if n in params.memories]
-    lay = bank.layout(params.memories, names)
+    lay = bank_layout.layout(params.memories, names)
     opts = plan[names[0]]
     w, s, wc = (
-        bank.pack(lay, {n: getattr(memories[n], f) for n in names}) for f in ("w", "s", "wc")
+        bank_layout.pack(lay, {n: getattr(memories[n], f) for n in names}) for f in ("w", "s", "wc")
     )
     pos = memories["eta"].pos
     sizes = dgd_mlp.segment_sizes(T, options.other_chunk_size, pos)
@@ -202,7 +202,7 @@ def self_modifying_chunk(
         pos += x_n.shape[1]
         if pos == options.other_chunk_size:
             wc, pos = w, 0
-    unpacked = [bank.unpack(lay, x) for x in (w, s, wc)]
+    unpacked = [bank_layout.unpack(lay, x) for x in (w, s, wc)]
     for name in names:
         memories[name] = _Memory(*(u[name] for u in unpacked), pos)
     inputs = {n: None if p[0] is None else torch.cat(p, dim=1) for n, p in parts.items() if p}
@@ -229,7 +229,7 @@ def _others_segment(
     w: list[torch.Tensor],
     s: list[torch.Tensor],
     wc: list[torch.Tensor],
-    lay: bank.Layout,
+    lay: bank_layout.Layout,
     opts: dgd_mlp.Options,
     params: SelfModifyingParams,
     fixed: Mapping[str, torch.Tensor],

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.layers.self_modifying import SelfModifyingTitansMixer
-from nestlearn.memory.dgd import bank, bank_fused
+from nestlearn.memory.dgd import bank, bank_fused, bank_layout
 from nestlearn.memory.dgd import forms as dgd_mlp
 from nestlearn.memory.dgd import gates as dgd_gates
 from nestlearn.memory.dgd import write as dgd_write
@@ -41,13 +41,15 @@ def make_inputs(seed: int, *, N: int = 2, n: int = 3, D: int = 4, h: int = 3, gi
         + ([normal(N, out, D, scale=0.5)] if out == 1 else [])
         for name, out in (("k", D), ("v", D), ("eta", 1), ("alpha", 1))
     }
-    lay = bank.layout(memories, list(memories))
-    w = bank.pack(lay, memories)
+    lay = bank_layout.layout(memories, list(memories))
+    w = bank_layout.pack(lay, memories)
     # Packed (zero padding of the 1-wide memories' second maps, as the bank always has).
-    wc = bank.pack(
+    wc = bank_layout.pack(
         lay, {m: [x + normal(*x.shape, scale=0.1) for x in ws] for m, ws in memories.items()}
     )
-    s = bank.pack(lay, {m: [normal(*x.shape, scale=0.1) for x in ws] for m, ws in memories.items()})
+    s = bank_layout.pack(
+        lay, {m: [normal(*x.shape, scale=0.1) for x in ws] for m, ws in memories.items()}
+    )
     k = F.normalize(normal(N, n, D), dim=-1)
     v = normal(N, n, D)
     targets = None
@@ -123,12 +125,12 @@ def test_fused_equals_autograd(name):
     for fused in (True, False):
         leaves = [None if x is None else x.clone().requires_grad_() for x in inputs]
         out = segment_fn(lay, opts, fused, momentum, retention)(*leaves)
-        # The loss reads the memories (bank.unpack), not the bank's zero padding.
+        # The loss reads the memories (bank_layout.unpack), not the bank's zero padding.
         gen = torch.Generator().manual_seed(7)
         loss = sum(
             (x * torch.randn(x.shape, generator=gen, dtype=DT)).sum()
             for pair in (out[:2], out[2:])
-            for ws in bank.unpack(lay, pair).values()
+            for ws in bank_layout.unpack(lay, pair).values()
             for x in ws
         )
         wrt = [x for x in leaves if x is not None]

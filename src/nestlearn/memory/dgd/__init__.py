@@ -6,6 +6,7 @@ gradient descent, ``W_t = W_{t-1} (α_t I − η_t x_t x_tᵀ) + S_t``, with mom
   step; the segment machinery the bank reuses.
 - :mod:`.bank`: the other memories (``M_k, M_v, M_q, M_η, M_α``) written together, as one bank,
   segment by segment (the reference formulation under autograd: ``bank.segment_autograd``).
+- :mod:`.bank_layout`: which memories a bank holds, and the packing of their weights.
 - :mod:`.bank_fused`: one bank segment's write and its reads as autograd nodes with hand-written
   backwards (σ'' of the surprise included).
 - :mod:`.write`: the DGD write of one linear map over a segment, forward and hand-written

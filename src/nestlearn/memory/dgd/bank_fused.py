@@ -18,8 +18,9 @@ Forward, per memory ``m`` (rows of ``F`` and ``G`` as :mod:`nestlearn.memory.dgd
     F_n, S_F,n = write(F_0, S_F,0, δ_F, k);   G_n, S_G,n = write(G_0, S_G,0, δ_G, hid_k)
 
 The second maps of memories of one output width are written together at that width (a run),
-not padded to the widest: ``G``'s padding rows are zero by construction (``bank.pack``) and stay
-zero (zero error), so they are left out of the products and written as zeros, gradients too.
+not padded to the widest: ``G``'s padding rows are zero by construction (``bank_layout.pack``)
+and stay zero (zero error), so they are left out of the products and written as zeros, gradients
+too.
 
 What a write computes from its inputs alone (``X``, the Gram matrices, the UT inverse, the
 inputs scaled by the coefficients: :class:`nestlearn.memory.dgd.write.Inputs`) is computed once
@@ -36,12 +37,12 @@ Supported: the L2 inner objective (the bank falls back to autograd otherwise).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from nestlearn.memory.dgd.bank_layout import Layout
 from nestlearn.memory.dgd.forms import Options
 from nestlearn.memory.dgd.write import (
     WriteCoefficients,
@@ -52,9 +53,6 @@ from nestlearn.memory.dgd.write import (
     map_forward,
     rows,
 )
-
-if TYPE_CHECKING:
-    from nestlearn.memory.dgd.bank import Layout
 
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
