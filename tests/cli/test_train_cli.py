@@ -8,7 +8,8 @@ from pathlib import Path
 
 from nestlearn.cli.main import main
 from nestlearn.train import Trainer
-from nestlearn.train.checkpoint import MODEL_FILE, checkpoint_root, verify_checkpoint
+from nestlearn.train.checkpoint import MODEL_FILE, verify_checkpoint
+from nestlearn.train.checkpoint_folders import checkpoint_root
 from tests.conftest import subprocess_env
 
 

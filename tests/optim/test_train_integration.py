@@ -11,7 +11,7 @@ from nestlearn.config import load_config
 from nestlearn.config.loader import _CHOICES
 from nestlearn.data import prepare_data
 from nestlearn.train import Trainer
-from nestlearn.train.checkpoint import checkpoint_root
+from nestlearn.train.checkpoint_folders import checkpoint_root
 from nestlearn.train.metrics import read_metrics
 
 NAMES = [n for n in _CHOICES[("optim", "name")] if n != "adamw"]

@@ -12,13 +12,13 @@ from nestlearn.train import Trainer
 from nestlearn.train.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
-    list_checkpoints,
     load_model,
     load_weights,
     read_checkpoint,
     resolve_checkpoint,
     verify_checkpoint,
 )
+from nestlearn.train.checkpoint_folders import list_checkpoints
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ import torch
 from nestlearn.config import load_config
 from nestlearn.errors import ConfigError
 from nestlearn.train import Trainer
-from nestlearn.train.checkpoint import list_checkpoints, load_model, read_checkpoint
+from nestlearn.train.checkpoint import load_model, read_checkpoint
+from nestlearn.train.checkpoint_folders import list_checkpoints
 from nestlearn.train.distributed import resolve_parallel
 from nestlearn.train.metrics import read_metrics
 from tests.conftest import subprocess_env

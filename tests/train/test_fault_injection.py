@@ -26,14 +26,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from nestlearn.train.checkpoint import (
+from nestlearn.train.checkpoint import MODEL_FILE, resolve_checkpoint, verify_checkpoint
+from nestlearn.train.checkpoint_folders import (
     LATEST_FILE,
-    MODEL_FILE,
     checkpoint_root,
     checkpoint_step,
     list_checkpoints,
-    resolve_checkpoint,
-    verify_checkpoint,
 )
 from nestlearn.train.metrics import read_metrics
 from nestlearn.train.run_lock import LOCK_FILE

@@ -18,13 +18,11 @@ from nestlearn.train import Trainer
 from nestlearn.train import trainer as trainer_module
 from nestlearn.train.checkpoint import (
     MODEL_FILE,
-    checkpoint_root,
-    checkpoint_step,
-    list_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
+from nestlearn.train.checkpoint_folders import checkpoint_root, checkpoint_step, list_checkpoints
 from nestlearn.train.metrics import read_metrics
 from tests.conftest import subprocess_env
 

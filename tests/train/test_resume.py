@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from nestlearn.train import Trainer
-from nestlearn.train.checkpoint import LATEST_FILE, checkpoint_root, resolve_checkpoint
+from nestlearn.train.checkpoint import resolve_checkpoint
+from nestlearn.train.checkpoint_folders import LATEST_FILE, checkpoint_root
 from nestlearn.train.metrics import read_metrics
 from tests.conftest import subprocess_env
 

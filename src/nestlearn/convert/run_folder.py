@@ -21,7 +21,8 @@ from nestlearn.config.loader import from_dict, save_config
 from nestlearn.config.schema import RunConfig, TrainConfig
 from nestlearn.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from nestlearn.errors import CheckpointError, ConfigError, DataError
-from nestlearn.train.checkpoint import list_checkpoints, save_checkpoint
+from nestlearn.train.checkpoint import save_checkpoint
+from nestlearn.train.checkpoint_folders import list_checkpoints
 from nestlearn.utils.io import atomic_write_text
 
 

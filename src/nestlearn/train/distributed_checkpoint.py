@@ -33,7 +33,7 @@ from torch import nn
 from nestlearn.config.schema import RunConfig
 from nestlearn.errors import CheckpointError
 from nestlearn.optim.newton_schulz import is_dtensor, shard_like
-from nestlearn.train.checkpoint import (
+from nestlearn.train.checkpoint_folders import (
     checkpoint_root,
     clean_leftovers,
     finish_checkpoint,

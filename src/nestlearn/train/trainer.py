@@ -55,15 +55,17 @@ from nestlearn.models.registry import build_model
 from nestlearn.models.summary import count_parameters
 from nestlearn.train.activation_checkpointing import apply_activation_checkpointing
 from nestlearn.train.checkpoint import (
-    MANIFEST_FILE,
-    checkpoint_root,
-    clean_leftovers,
-    list_checkpoints,
     load_weights,
     read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+)
+from nestlearn.train.checkpoint_folders import (
+    MANIFEST_FILE,
+    checkpoint_root,
+    clean_leftovers,
+    list_checkpoints,
 )
 from nestlearn.train.compile import maybe_compile
 from nestlearn.train.distributed import (
