@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nestlearn.config import load_config
-from nestlearn.data.corpus import Document
+from nestlearn.data.document import Document
 from nestlearn.data.tokenizer import EOS, BPETokenizer, ByteTokenizer
 from nestlearn.hf import export_checkpoint, from_hf, hf_tokenizer
 from nestlearn.models.registry import build_model

@@ -239,7 +239,7 @@ def test_run_folder_works_with_generate_eval_and_train_resume(tmp_path, capsys):
 
 
 def test_tokenizer_json_of_the_hf_folder_is_used(tmp_path):
-    from nestlearn.data.corpus import Document
+    from nestlearn.data.document import Document
     from nestlearn.data.tokenizer import BPETokenizer
 
     _, folder = gpt2(tmp_path, dtype=torch.float32)

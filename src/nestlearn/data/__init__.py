@@ -5,12 +5,12 @@ Models never import this package; the trainer and evaluator do.
 
 from nestlearn.data.batches import eval_batches, train_batch
 from nestlearn.data.corpus import (
-    Document,
     cap_bytes,
     corpus_fingerprint,
     read_documents,
     split_documents,
 )
+from nestlearn.data.document import Document
 from nestlearn.data.fingerprint import check_resume_data, data_fingerprint, describe_data_change
 from nestlearn.data.hf import read_hf_documents
 from nestlearn.data.prepare import TokenizedCorpus, prepare_data, prepare_text, stream_dtype

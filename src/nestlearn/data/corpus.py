@@ -1,7 +1,7 @@
 """Documents: reading a corpus, capping it, splitting it by document, fingerprinting it.
 
-A corpus is a list of :class:`Document` (a stable name and its exact text). ``data.source``
-picks where the documents come from:
+A corpus is a list of :class:`~nestlearn.data.document.Document` (a stable name and its exact
+text). ``data.source`` picks where the documents come from:
 
 - ``"stdlib"``: the ``.py`` files of this interpreter's standard library (the default corpus, so
   nothing is ever downloaded), without ``site-packages``/``dist-packages``. A folder literally named
@@ -23,23 +23,16 @@ import json
 import os
 import sysconfig
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from nestlearn.config.schema import DataConfig
+from nestlearn.data.document import Document
+from nestlearn.data.hf import read_hf_documents
 from nestlearn.errors import DataError
 
 GLOB_CHARS = ("*", "?", "[")
 STDLIB_EXCLUDED = frozenset({"site-packages", "dist-packages"})
-
-
-@dataclass(frozen=True)
-class Document:
-    """One unit of the corpus: the split, the byte cap and the end-of-text tokens work on these."""
-
-    name: str  # stable, relative (a path below the source, or a dataset row id)
-    text: str
 
 
 def stable_hash(*parts: object) -> int:
@@ -56,9 +49,6 @@ def read_documents(cfg: DataConfig) -> list[Document]:
     is cut at its last line break within the cap, so the total never exceeds ``max_bytes``.
     """
     if cfg.source == "hf":
-        # Imported here: hf.py imports Document from this module.
-        from nestlearn.data.hf import read_hf_documents
-
         loaders = [(d.name, partial(str, d.text)) for d in read_hf_documents(cfg)]
     else:
         loaders = [(name, partial(_read_text, path)) for name, path in _list_files(cfg.source)]

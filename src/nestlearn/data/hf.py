@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from nestlearn.config.schema import DataConfig
-from nestlearn.data.corpus import Document
+from nestlearn.data.document import Document
 from nestlearn.errors import DataError, require
 
 # Row indices are zero-padded to this width so that names sort in row order.

@@ -34,7 +34,8 @@ from nestlearn.data.cache import (
     tokens_dir,
     warn,
 )
-from nestlearn.data.corpus import Document, corpus_fingerprint, read_documents, split_documents
+from nestlearn.data.corpus import corpus_fingerprint, read_documents, split_documents
+from nestlearn.data.document import Document
 from nestlearn.data.fingerprint import data_fingerprint
 from nestlearn.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from nestlearn.errors import DataError

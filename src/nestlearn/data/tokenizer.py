@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from nestlearn.config.schema import DataConfig
-from nestlearn.data.corpus import Document, cap_bytes
+from nestlearn.data.corpus import cap_bytes
+from nestlearn.data.document import Document
 from nestlearn.errors import DataError
 from nestlearn.utils.io import atomic_write_text
 
