@@ -1,14 +1,16 @@
 """The associative-memory engine: one functional core of update rules, three forms per memory.
 
-- :mod:`~nestlearn.memory.core.rules`: objectives, momentum, retention, DGD projection (SPEC S-1).
+- :mod:`~nestlearn.memory.core`: S-1 per token (objectives, momentum, retention, DGD projection)
+  and the segment products of the chunk forms (SPEC §2.1).
 - :mod:`~nestlearn.memory.matrix`: linear attention, GLA, DeltaNet, Gated DeltaNet as one op.
 - :mod:`~nestlearn.memory.mlp`: Titans' MLP memory trained by chunked gradient descent.
-- :mod:`~nestlearn.memory.dgd.forms`, :mod:`~nestlearn.memory.self_modifying`: self-modifying
+- :mod:`~nestlearn.memory.dgd`, :mod:`~nestlearn.memory.self_modifying`: self-modifying
   Titans (MLP memories written by delta gradient descent; ``docs/self-modifying-titans.md``).
 - :mod:`~nestlearn.memory.cms`: the Continuum Memory System's levels (``docs/cms.md``).
 
 Each op has a sequential reference, a chunkwise-parallel form and a one-token step with the same
-signature; derivations are in this folder's README.
+signature (``forms.py`` in each folder); this folder's README maps every file to the SPEC and
+derives the chunk forms.
 """
 
 from nestlearn.memory.core.rules import get_objective

@@ -1,7 +1,7 @@
 """The chunkwise-parallel form of the matrix memories (SPEC §2.2), on checked inputs.
 
 :func:`nestlearn.memory.matrix.forms.matrix_memory_chunk` validates its arguments and calls
-:func:`chunk_forward`; the algebra is derived in this folder's README ("The chunk form"). Inside,
+:func:`chunk_forward`; the algebra is derived in ``memory/README.md`` ("The chunk form"). Inside,
 batch, heads and chunks are folded into one batch dimension, ``[B·H·N, C, D]``, so that every
 intra-chunk product is one ``bmm`` over all chunks and every tensor is contiguous.
 

@@ -12,7 +12,7 @@ that ``fla``'s Triton chunk kernels compute (SPEC §2.2; same state convention `
 
 A dot memory with a write strength ``β ≠ 1`` has no fla kernel and stays on ours. The kernels
 run on CUDA in float32/bfloat16/float16 only; our chunk form stays the reference they are tested
-against (``tests/memory/test_fla_kernels.py``, on a GPU). ``model.kernel`` picks: ``torch``
+against (``tests/memory/matrix/test_fla_kernels.py``, on a GPU). ``model.kernel`` picks: ``torch``
 (ours, always), ``fla`` (fla wherever it can run, an error where it cannot), ``auto`` (fla when
 installed and the inputs are CUDA tensors of a supported dtype, ours otherwise). Never required:
 install with ``pip install 'nestlearn[fla]'``.

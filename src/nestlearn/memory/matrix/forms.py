@@ -3,7 +3,7 @@
 One op in three forms under one signature: :func:`matrix_memory_reference` (a loop over tokens
 composing :mod:`nestlearn.memory.core.rules`), :func:`matrix_memory_chunk` (the chunkwise-parallel
 training form, exact up to float error) and :func:`matrix_memory_step` (one token, for decoding);
-:func:`matrix_memory` dispatches. The chunk form is derived in this folder's README; its
+:func:`matrix_memory` dispatches. The chunk form is derived in ``memory/README.md``; its
 algorithm is in :mod:`nestlearn.memory.matrix.chunk`.
 
 Layout is head-first: ``q, k [B, H, T, Dk]``, ``v [B, H, T, Dv]``, gates ``[B, H, T]``. The state

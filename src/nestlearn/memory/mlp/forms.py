@@ -15,7 +15,7 @@ the inner objective ``L̃`` and read after the write:
 with ``chunk_size = 1`` this is per-token gradient descent with momentum (S-1) exactly. Three forms
 share one signature and agree to float error, outputs, final states and gradients:
 :func:`mlp_memory_reference` (a loop over tokens), :func:`mlp_memory_chunk` (the training form,
-derived in this folder's README, "MLP memories") and :func:`mlp_memory_step` (one token, for
+derived in ``memory/README.md``, "MLP memories") and :func:`mlp_memory_step` (one token, for
 decoding). All are differentiable end to end, into ``q, k, v``, the gates, the initial weights and
 the initial state (meta-learning of the inner level); the chunk form is one autograd node with a
 hand-written backward (:mod:`nestlearn.memory.mlp.chunk`; README, "Backward"), exact but not

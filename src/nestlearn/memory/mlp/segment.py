@@ -1,7 +1,7 @@
 """The pieces of the MLP memory's chunk form, each with its hand-written backward (SPEC §2.3).
 
 For ``n`` tokens that take their gradients at the chunk-start weights ``W_c`` (a segment), the
-dual form derived in this folder's README ("MLP memories", "The chunk form"):
+dual form derived in ``memory/README.md`` ("MLP memories", "The chunk form"):
 
     Y_i  = diag(G) X_i W_iᵀ + diag(c) X_i S_iᵀ + (Ŵ ⊙ X_i U_iᵀ) Δ_i       reads, map by map
     W_i' = G_n W_i + c_n S_i + Δ_iᵀ (ŵ_n ⊙ U_i)                             end of segment
