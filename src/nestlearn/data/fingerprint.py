@@ -28,7 +28,7 @@ from typing import Any
 
 from nestlearn.config.schema import DataConfig
 from nestlearn.data.cache import warn
-from nestlearn.data.corpus import Document
+from nestlearn.data.document import Document
 from nestlearn.errors import DataError
 
 FINGERPRINT_VERSION = 1
