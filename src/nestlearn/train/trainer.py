@@ -68,6 +68,7 @@ from nestlearn.train.checkpoint_folders import (
     list_checkpoints,
 )
 from nestlearn.train.compile import maybe_compile
+from nestlearn.train.diagnose import locate_non_finite
 from nestlearn.train.distributed import (
     DistEnv,
     check_optimizer,
@@ -401,9 +402,24 @@ class Trainer:
         )
         return self.last_checkpoint
 
-    def _non_finite(self, what: str, value: float) -> NonFiniteLossError:
+    def _non_finite(
+        self, what: str, value: float, tokens: torch.Tensor | None = None
+    ) -> NonFiniteLossError:
+        """The error for a non-finite loss or gradient norm. With the batch (``tokens``), a
+        checked copy of the model (:mod:`nestlearn.train.diagnose`) names the layer, memory and
+        token that went non-finite first, and the message gives that layer's advice instead of
+        the outer step's."""
         step = self.step + 1
         last = self.last_checkpoint or "none yet"
+        where = None
+        if tokens is not None and not self.dist.enabled:  # sharded weights: no single copy
+            where = locate_non_finite(self.cfg.model, self.model, tokens, self.runtime.autocast)
+        if where:
+            return NonFiniteLossError(
+                f"{what} became {value} at step {step}; stopped before applying it. The cause "
+                f"is inside the model: {where}. Last good checkpoint: {last} (a resume keeps "
+                "the model's settings: a model.* change needs a new run)"
+            )
         return NonFiniteLossError(
             f"{what} became {value} at step {step}; stopped before applying it. Last good "
             f"checkpoint: {last}. Lower optim.lr or raise optim.warmup_steps, then resume "
@@ -443,7 +459,7 @@ class Trainer:
                 loss = F.cross_entropy(upcast(logits).reshape(-1, logits.size(-1)), y.reshape(-1))
                 value = self.dist.mean(float(loss.detach()))
                 if not math.isfinite(value):
-                    raise self._non_finite("the training loss", value)
+                    raise self._non_finite("the training loss", value, x)
                 (loss / tc.grad_accum).backward()
             total += value / tc.grad_accum
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
