@@ -11,7 +11,12 @@ def test_transformer_levels_list_attention_then_the_outer_level():
     assert [lv.component for lv in levels] == ["blocks.0.attn", "blocks.1.attn", "(all parameters)"]
     assert levels[0].update_every == 1 and levels[-1].update_every is None
     rows = levels_rows(levels)
-    assert [r[0] for r in rows] == ["1", "1", "2"]
+    # Table rows: slowest first, level 1 the outer level.
+    assert [(r[0], r[1]) for r in rows] == [
+        ("1", "(all parameters)"),
+        ("2", "blocks.0.attn"),
+        ("2", "blocks.1.attn"),
+    ]
     assert len(rows[0]) == len(LEVEL_HEADERS)
     assert levels[-1].optimizer == "adamw"
 

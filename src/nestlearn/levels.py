@@ -4,7 +4,8 @@ Nested Learning (SPEC §1) reads a model as nested optimization problems. Each c
 associative memory with a context flow, an inner objective, an inner optimizer and an update
 frequency; components are ordered into levels by frequency (faster = updated more often). Layers
 describe their inner memories with ``inner_levels()``; :func:`model_levels` adds the outer level
-(all meta-parameters, trained by the outer optimizer once per step) and sorts the table.
+(all meta-parameters, trained by the outer optimizer once per step) and sorts them fastest
+first; :func:`levels_rows` numbers them for a table, level 1 the slowest.
 """
 
 from __future__ import annotations
@@ -55,19 +56,28 @@ def model_levels(model: nn.Module, outer_optimizer: str = "AdamW") -> list[Level
 
 
 def levels_rows(levels: list[Level]) -> list[list[str]]:
-    """Rows for a markdown table: level number (1 = fastest), component and its description."""
-    freqs = sorted({lv.update_every if lv.update_every is not None else 1 << 62 for lv in levels})
-    rank = {f: i + 1 for i, f in enumerate(freqs)}
+    """Rows for a markdown table, slowest level first: level number, component, description.
+
+    Level 1 is the slowest (the outer level, once per optimizer step) and the number grows with
+    the frequency, as CMS levels are configured (``cms_chunk_sizes`` slowest first): a model's
+    ``cms.levels.0, cms.levels.1, ...`` get increasing level numbers in config order. Components
+    with one frequency share a level and keep their order in ``levels``."""
+
+    def period(lv: Level) -> int:
+        return lv.update_every if lv.update_every is not None else 1 << 62
+
+    rank = {p: i + 1 for i, p in enumerate(sorted({period(lv) for lv in levels}, reverse=True))}
+    ordered = sorted(levels, key=lambda lv: rank[period(lv)])
     return [
         [
-            str(rank[lv.update_every if lv.update_every is not None else 1 << 62]),
+            str(rank[period(lv)]),
             lv.component,
             lv.memory,
             lv.objective,
             lv.optimizer,
             lv.frequency,
         ]
-        for lv in levels
+        for lv in ordered
     ]
 
 

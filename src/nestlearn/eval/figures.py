@@ -56,24 +56,41 @@ def plot_curves(
     xlabel: str,
     ylabel: str,
     title: str = "",
-    ylim: tuple[float, float] | None = (0.0, 1.02),
+    ylim: tuple[float, float] | None = (0.0, 1.05),
     logx: bool = False,
     baseline: float | None = None,
 ) -> None:
-    """One panel per key of ``panels``; in each, one line per series name (same colour across).
+    """One panel per key of ``panels``; in each, one line per series name (same colour, marker
+    and line style across panels, so equal curves stay distinguishable).
 
     ``logx``: a base-2 x axis with a tick at every x value (pair counts, lengths); ``baseline``:
-    a dashed grey line (chance)."""
+    a dashed grey line (chance). Series are drawn slightly apart along x (a few percent of a
+    tick gap) and semi-transparent, so a curve on top of another does not hide it; the legend
+    sits outside the panels, on the right, where it covers no data."""
     plt = _pyplot()
     names = list(dict.fromkeys(name for series in panels.values() for name in series))
     n = max(1, len(panels))
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, 3.4), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(
+        1, n, figsize=(3.6 * n + 1.8, 3.4), dpi=120, squeeze=False, layout="constrained"
+    )
+    handles: dict[str, Any] = {}
     for ax, (panel, series) in zip(axes[0], panels.items(), strict=False):
         for name, (xs, ys) in series.items():
-            color = f"C{names.index(name) % 10}"
-            ax.plot(list(xs), _nan(ys), marker="o", lw=1.6, color=color, label=name)
+            j = names.index(name)
+            (line,) = ax.plot(
+                _spread(xs, j, len(names), logx),
+                _nan(ys),
+                color=f"C{j % 10}",
+                marker=_MARKERS[j % len(_MARKERS)],
+                ls=_LINESTYLES[(j // len(_MARKERS) + j) % len(_LINESTYLES)],
+                lw=1.6,
+                ms=5,
+                alpha=0.8,
+                label=name,
+            )
+            handles.setdefault(name, line)
         if baseline is not None:
-            ax.axhline(baseline, color="0.5", ls="--", lw=1.0, label="chance")
+            handles["chance"] = ax.axhline(baseline, color="0.5", ls="--", lw=1.0, label="chance")
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel(xlabel)
         if logx:
@@ -85,11 +102,26 @@ def plot_curves(
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     _save(fig, path)
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _spread(xs: Sequence[float], j: int, n: int, logx: bool) -> list[float]:
+    """``xs`` shifted for series ``j`` of ``n``: by 5 % of a doubling per series on a log-2
+    axis, else by ±1 % of the x range, centred on the true values."""
+    xs = [float(x) for x in xs]
+    k = j - (n - 1) / 2
+    if logx:
+        return [x * 2.0 ** (0.05 * k) for x in xs]
+    span = (max(xs) - min(xs)) if len(xs) > 1 else 1.0
+    return [x + 0.01 * k * span for x in xs]
 
 
 def plot_heatmaps(

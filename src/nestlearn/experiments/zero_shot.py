@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from nestlearn.data.tokenizer import Tokenizer
-from nestlearn.errors import ConfigError, require
+from nestlearn.errors import ConfigError, DataError, require
 from nestlearn.eval.figures import save_figure
 from nestlearn.eval.results import write_result
 from nestlearn.experiments.lm_scorer import LMScorer
@@ -91,19 +91,24 @@ def evaluate_tasks(
             f"lm-eval knows no task {unknown}; see `lm_eval ls tasks`, or add YAMLs with "
             "--include-path"
         )
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        bootstrap_iters=0,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=0,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise
+        raise DataError(offline_message(tasks, exc)) from exc
     per_task: dict[str, dict[str, float]] = {}
     for task, values in out["results"].items():
         metrics = {}
@@ -119,6 +124,39 @@ def evaluate_tasks(
             headline[task] = (metric, per_task[task][metric])
     average = float(np.mean([v for _, v in headline.values()])) if headline else None
     return {"tasks": per_task, "headline": headline, "average": average}
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a failed connection: ``datasets``
+    raises the built-in ``ConnectionError`` ("Couldn't reach ... on the Hub"), ``requests`` its
+    own ``ConnectionError`` / ``Timeout``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError)):
+            return True
+        if type(current).__module__.startswith("requests") and type(current).__name__ in (
+            "ConnectionError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "Timeout",
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def offline_message(tasks: Sequence[str], exc: BaseException) -> str:
+    """One line: the tasks' data could not be downloaded, and how to run without a network."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return (
+        f"the data of lm-eval task(s) {', '.join(tasks)} could not be downloaded ({reason}); "
+        "to run offline, download them once with a network (they stay in the datasets cache, "
+        "then set HF_DATASETS_OFFLINE=1), or point --include-path at task YAMLs whose "
+        "dataset_path reads local files (e.g. dataset_path: json with data_files), "
+        "with --only-include-path"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,9 +221,20 @@ def main(argv: Sequence[str] = ()) -> int:
         rows=[[source.name, *(record["headline"][t]["value"] for t in names), record["average"]]],
         figures=figures, results=record, markdown=render_table(record),
     )  # fmt: skip
-    average = "n/a" if result["average"] is None else f"{result['average']:.4f}"
-    print(f"{NAME}, {source.name}: average {average} over {len(tasks)} tasks; results in {out}")
+    print(f"{NAME}, {source.name}: {summary(tasks, record)}; results in {out}")
     return 0
+
+
+def summary(tasks: Sequence[str], record: dict[str, Any]) -> str:
+    """``average X over N task(s)``, N counting only the tasks that have a headline metric, and
+    the requested tasks that have none."""
+    counted = len(record["headline"])
+    average = "n/a" if record["average"] is None else f"{record['average']:.4f}"
+    text = f"average {average} over {counted} task{'' if counted == 1 else 's'}"
+    missing = [t for t in tasks if t not in record["headline"]]
+    if missing:
+        text += f" ({', '.join(missing)}: no accuracy metric, not averaged)"
+    return text
 
 
 def render_table(record: dict[str, Any]) -> str:

@@ -64,17 +64,15 @@ def _byte_level_tokenizer():
 
 
 def _byte_chars() -> list[str]:
-    """GPT-2's ``bytes_to_unicode`` table, the characters the byte-level pre-tokenizer uses:
-    printable bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for themselves, the others
-    for ``chr(256 + k)`` in byte order."""
-    chars, shifted = [], 0
-    for byte in range(256):
-        if 33 <= byte <= 126 or 161 <= byte <= 172 or 174 <= byte <= 255:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + shifted))
-            shifted += 1
-    return chars
+    """GPT-2's ``bytes_to_unicode`` map, byte -> character, from the byte-level pre-tokenizer's
+    own alphabet (``tokenizers``' ``ByteLevel.alphabet()``, the 256 characters as a set): a byte
+    whose character is in the alphabet stands for itself (the printable ones), the others take
+    the remaining characters (``chr(256 + k)``) in byte order."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    shifted = iter(sorted(c for c in alphabet if ord(c) >= 256))
+    return [chr(byte) if chr(byte) in alphabet else next(shifted) for byte in range(256)]
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -18,10 +19,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The mean of squares is taken in at least float32 so bf16 activations keep their scale.
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return h.to(x.dtype) * self.weight
+        # torch's rms_norm takes the mean of squares in at least float32 (bf16/fp16 activations
+        # keep their scale) and has fused kernels for matching dtypes.
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Mixed precision (e.g. bf16 activations, float32 gain): normalise in x's dtype, then
+        # scale in the promoted dtype, as ``x_hat.to(x.dtype) * g``.
+        return F.rms_norm(x, self.weight.shape, None, self.eps) * self.weight
 
 
 NORMS = ("rms", "layer")
