@@ -54,7 +54,10 @@ def short_conv(
     (One call over several projections' concatenated channels measured slower on the CPU than
     one call each: the larger tensors fall out of cache.)
     """
-    return _ShortConvFn.apply(x, weight.to(x.dtype), state.to(x.dtype), activation)
+    y, new_state = _ShortConvFn.apply(x, weight.to(x.dtype), state.to(x.dtype), activation)
+    # The state holds past inputs: under autocast they are exact in x's dtype, and the state
+    # keeps its own dtype from call to call (float32 from init_state).
+    return y, new_state.to(state.dtype)
 
 
 def _padded(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

@@ -42,12 +42,14 @@ CACHE = ("k", "v", "k_mem", "v_mem")
 def memory_read(weights: list[torch.Tensor], q: torch.Tensor, residual: bool) -> torch.Tensor:
     """``M_W(q)`` without a write: ``q [B, H, n, Dk]``, ``weights`` ``[B, H, out, in]`` (a
     state's ``wc.{i}``), SiLU between maps as in :class:`NeuralMemoryMixer`."""
-    h = q
+    # In the state's dtype (float32 under autocast or with 16-bit parameters), back to q's.
+    dtype = torch.promote_types(q.dtype, weights[0].dtype)
+    h = q.to(dtype)
     for i, weight in enumerate(weights):
-        h = h @ weight.mT  # [B, H, n, out]
+        h = h @ weight.to(dtype).mT  # [B, H, n, out]
         if i < len(weights) - 1:
             h = F.silu(h)
-    return h + q if residual else h
+    return (h + q if residual else h).to(q.dtype)
 
 
 class SegmentAttention(AttentionCore):

@@ -52,6 +52,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nestlearn.memory.core.precision import full_precision
 from nestlearn.memory.core.rules import L2, dgd_projection, linear_gradient, momentum
 
 State = dict[str, torch.Tensor]
@@ -157,6 +158,7 @@ def mlp_block(
     return _forward(weights, z, activation)[0]
 
 
+@full_precision
 def cms_level_chunk(
     z: torch.Tensor,
     weights: Mapping[str, torch.Tensor],
@@ -255,6 +257,7 @@ def cms_level_chunk(
     return y, _pack(w, acc, z_prev, ctx_prev, pos, opts, z)
 
 
+@full_precision
 def cms_level_reference(
     z: torch.Tensor,
     weights: Mapping[str, torch.Tensor],

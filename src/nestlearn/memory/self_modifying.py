@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nestlearn.memory.core.precision import full_precision
 from nestlearn.memory.dgd import bank, bank_layout
 from nestlearn.memory.dgd import forms as dgd_mlp
 from nestlearn.memory.mlp import forms as mlp
@@ -108,6 +109,7 @@ def init_self_modifying_state(params: SelfModifyingParams, batch_size: int) -> S
     return state
 
 
+@full_precision
 def self_modifying_reference(
     x: torch.Tensor,
     params: SelfModifyingParams,
@@ -131,6 +133,7 @@ def self_modifying_reference(
     return y, _pack(memories, H) if output_final_state else None
 
 
+@full_precision
 def self_modifying_step(
     x: torch.Tensor,
     params: SelfModifyingParams,
@@ -152,6 +155,7 @@ def self_modifying_step(
     return y.unflatten(0, (B, H)), _pack(memories, H)
 
 
+@full_precision
 def self_modifying_chunk(
     x: torch.Tensor,
     params: SelfModifyingParams,

@@ -269,6 +269,7 @@ class HopeLM(LanguageModel):
         the final norm (RMSNorm or LayerNorm) and the head only, computed by hand (no autograd:
         it also runs under ``torch.inference_mode``) and detached. ``h [B, n, d]``,
         ``targets [B, n]``."""
+        dtype = h.dtype  # that of the CMS level's computation: float32 under autocast
         with torch.no_grad():
             h = h.detach().to(torch.promote_types(h.dtype, torch.float32))
             gain, weight = self.norm.weight.to(h.dtype), self.head.weight.to(h.dtype)
@@ -288,7 +289,7 @@ class HopeLM(LanguageModel):
             delta = r * e - h * r.pow(3) * (h * e).mean(-1, keepdim=True)
             if layer:
                 delta = delta - delta.mean(-1, keepdim=True)
-        return delta.to(self.embed.weight.dtype)
+        return delta.to(dtype)
 
     def flops_per_token(self, seq_len: int) -> float:
         """``6·N`` for the linear maps (head included), 3x each mixer's and CMS's forward FLOPs,

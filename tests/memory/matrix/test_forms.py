@@ -294,7 +294,7 @@ ERRORS = [
     ({"q": torch.ones(2, 3, 10, 4, dtype=torch.long)}, r"q: expected a floating-point tensor"),
     ({"beta": torch.ones(2, 3, 10, dtype=torch.bool)}, r"beta: expected a floating-point tensor"),
     ({"v": torch.randn(2, 3, 10, 5).double()}, r"v: expected dtype torch.float32 \(that of q\)"),
-    ({"initial_state": torch.zeros(2, 3, 4, 5).half()}, r"initial_state: expected dtype"),
+    ({"initial_state": torch.zeros(2, 3, 4, 5).double()}, r"initial_state: expected dtype"),
 ]
 
 

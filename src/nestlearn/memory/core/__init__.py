@@ -4,4 +4,5 @@
   gradient ``δ uᵀ``, momentum, retention, the DGD projection.
 - :mod:`.segments`: segment products ``Π a_r`` of per-token gates, without division, that the
   chunk forms (SPEC §2.3) unroll their linear recurrences with.
+- :mod:`.precision`: memory ops compute in float32 under autocast or on 16-bit inputs.
 """

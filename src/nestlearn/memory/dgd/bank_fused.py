@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from nestlearn.memory.core.precision import backward_without_autocast
 from nestlearn.memory.dgd.bank_layout import Layout
 from nestlearn.memory.dgd.forms import Options
 from nestlearn.memory.dgd.write import (
@@ -162,6 +163,7 @@ class _BankSegment(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @backward_without_autocast
     def backward(ctx, gF, gG, gSF, gSG):
         lay, opts, M, N, n, skip_widths, offsets, spans, self_target, places = ctx.config[:-1]
         same_F, same_G = ctx.config[-1]
@@ -314,6 +316,7 @@ class _BankRead(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @backward_without_autocast
     def backward(ctx, *grads):
         lay, opts = ctx.config
         z, FC, GC, pre, hid = ctx.saved_tensors

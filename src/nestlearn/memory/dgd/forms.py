@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.errors import ConfigError
+from nestlearn.memory.core.precision import full_precision
 from nestlearn.memory.core.rules import (
     Objective,
     dgd_projection,
@@ -121,6 +122,7 @@ def options(
     )
 
 
+@full_precision
 def dgd_mlp_memory_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -173,6 +175,7 @@ def dgd_mlp_memory_reference(
     return o, mlp._pack(w, s, wc, pos, H) if output_final_state else None
 
 
+@full_precision
 def dgd_mlp_memory_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -248,6 +251,7 @@ def dgd_mlp_memory_chunk(
     return o, mlp._pack(w, s, wc, pos, H) if output_final_state else None
 
 
+@full_precision
 def dgd_mlp_memory_step(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from nestlearn.memory.core.precision import backward_without_autocast
 from nestlearn.memory.dgd.write import WriteCoefficients
 
 
@@ -98,6 +99,7 @@ class _WriteCoefficients(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @backward_without_autocast
     def backward(ctx, *grads):
         has_mu, has_alpha, ema = ctx.flags
         eta, A, P, mixed, mu = ctx.saved_tensors

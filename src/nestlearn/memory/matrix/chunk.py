@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nestlearn.memory.core.precision import backward_without_autocast
+
 
 def chunk_forward(
     q: Tensor,
@@ -222,6 +224,7 @@ class _DeltaScan(torch.autograd.Function):
         return starts, writes, state
 
     @staticmethod
+    @backward_without_autocast
     def backward(
         ctx, d_starts: Tensor, d_writes: Tensor, d_state: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
@@ -270,6 +273,7 @@ class _UTTransform(torch.autograd.Function):
         return y1, y2
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, g1: Tensor, g2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         lower, a, y1, y2 = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: A as a function of L
@@ -303,6 +307,7 @@ class _UnitLowerInverse(torch.autograd.Function):
         return inverse
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad: Tensor) -> Tensor:
         (inverse,) = ctx.saved_tensors
         return -(inverse.transpose(-1, -2) @ grad @ inverse.transpose(-1, -2)).tril(-1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nestlearn.memory.core.precision import full_precision
 from nestlearn.memory.core.rules import Objective, get_objective, linear_gradient, momentum, retain
 from nestlearn.memory.matrix.chunk import chunk_forward
 
@@ -32,6 +33,7 @@ LINEAR_OBJECTIVES = ("dot", "l2")
 MODES = ("chunk", "reference")
 
 
+@full_precision
 def matrix_memory(
     q: Tensor,
     k: Tensor,
@@ -67,6 +69,7 @@ def matrix_memory(
     return matrix_memory_chunk(q, k, v, chunk_size=chunk_size, **kwargs)
 
 
+@full_precision
 def matrix_memory_reference(
     q: Tensor,
     k: Tensor,
@@ -105,6 +108,7 @@ def matrix_memory_reference(
     return torch.stack(outputs, dim=2), state if output_final_state else None
 
 
+@full_precision
 def matrix_memory_chunk(
     q: Tensor,
     k: Tensor,
@@ -153,6 +157,7 @@ def matrix_memory_chunk(
     return o, state if output_final_state else None
 
 
+@full_precision
 def matrix_memory_step(
     q: Tensor,
     k: Tensor,

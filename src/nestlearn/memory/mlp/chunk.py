@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from nestlearn.memory.core.precision import backward_without_autocast
 from nestlearn.memory.mlp.segment import (
     Grads,
     Weights,
@@ -407,6 +408,7 @@ class MLPChunks(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @backward_without_autocast
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         depth = ctx.depth
         d_o, rest = grads[0], list(grads[1:])

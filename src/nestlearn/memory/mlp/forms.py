@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.errors import ConfigError
+from nestlearn.memory.core.precision import full_precision
 from nestlearn.memory.core.rules import Objective, get_objective, linear_gradient, momentum, retain
 from nestlearn.memory.mlp.chunk import MLPChunks, chunk_forward
 from nestlearn.memory.mlp.segment import mlp_forward as _forward
@@ -89,6 +90,7 @@ class _Options(NamedTuple):
     detach_inner: bool
 
 
+@full_precision
 def mlp_memory_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -129,6 +131,7 @@ def mlp_memory_reference(
     return o, _pack(w, s, wc, pos, H) if output_final_state else None
 
 
+@full_precision
 def mlp_memory_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -245,6 +248,7 @@ def _chunk_loop(
     return torch.cat(outputs, dim=1), w, s, wc, pos
 
 
+@full_precision
 def mlp_memory_step(
     q: torch.Tensor,
     k: torch.Tensor,
