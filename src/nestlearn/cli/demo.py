@@ -102,26 +102,21 @@ def _stream_text(stream: tuple[int, int, int, int, int]) -> str:
 
 @dataclass
 class DemoRun:
-    """One run of the demo: its result, or why it failed (and how far it got)."""
+    """One run of the demo: its result (for a failed run, how far it got; None if it failed
+    before its model was built), its sample, or the error that stopped it."""
 
     cfg: RunConfig
-    result: TrainResult | None = None  # None: the run failed
+    result: TrainResult | None = None
     sample: str = ""
     error: str = ""  # "ErrorClass: message" of a failed run
-    step: int = 0  # steps done
-    n_params: int | None = None
-    tokens_seen: int = 0
-    train_seconds: float = 0.0
-    unigram_eval: dict[str, float] | None = None
-    checkpoint: Path | None = None
 
     @property
     def failed(self) -> bool:
         return bool(self.error)
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.tokens_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+    def step(self) -> int:
+        return self.result.step if self.result else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,37 +179,32 @@ def _train_one(cfg: RunConfig, corpus) -> DemoRun:
     sample = _sample(trainer)
     atomic_write_text(Path(cfg.train.out_dir) / "sample.txt", sample + "\n")
     print(f"-- sample --\n{sample}\n")
-    return DemoRun(
-        trainer.cfg,
-        result,
-        sample,
-        step=result.step,
-        n_params=result.n_params,
-        tokens_seen=result.tokens_seen,
-        train_seconds=result.train_seconds,
-        unigram_eval=result.unigram_eval,
-        checkpoint=result.checkpoint,
-    )
+    return DemoRun(trainer.cfg, result, sample)
 
 
 def _failed_run(cfg: RunConfig, trainer: Trainer | None, error: str) -> DemoRun:
+    """The failed run's record: how far its trainer got, as a :class:`TrainResult`."""
     if trainer is None:  # failed before its model was built
         return DemoRun(cfg, error=error)
     trainer.close()
     try:
         unigram = trainer.unigram_baseline()
     except Exception:  # the report goes on without it
-        unigram = None
-    return DemoRun(
-        trainer.cfg,
-        error=error,
+        unigram = {}
+    seconds = trainer.train_seconds
+    result = TrainResult(
+        run_dir=trainer.run_dir,
         step=trainer.step,
+        interrupted=False,
         n_params=count_parameters(trainer.model),
         tokens_seen=trainer.tokens_seen,
-        train_seconds=trainer.train_seconds,
+        train_seconds=seconds,
+        tokens_per_s=trainer.tokens_seen / seconds if seconds > 0 else 0.0,
+        final_eval={},
         unigram_eval=unigram,
         checkpoint=trainer.last_checkpoint,
     )
+    return DemoRun(trainer.cfg, result, error=error)
 
 
 def _empty_folder(folder: Path, keep: Path) -> None:
@@ -246,44 +236,47 @@ def _steps(n: int) -> str:
 
 
 def _status(run: DemoRun, budget_tokens: int) -> str:
-    if run.result is None:
+    if run.failed or run.result is None:
         return "failed"
     if run.result.interrupted:
         return "interrupted"
-    return "finished" if run.tokens_seen == budget_tokens else "stopped early"
+    return "finished" if run.result.tokens_seen == budget_tokens else "stopped early"
 
 
 def _write_demo_report(out: Path, runs: list[DemoRun], corpus, wall_seconds: float) -> None:
     curves, lines, table, records = {}, [], [], []
     budget = token_stream(runs[0].cfg)
     budget_tokens = budget[0] * budget[1] * budget[2] * budget[3]
-    timed = [r for r in runs if not r.failed and r.tokens_per_s > 0]
-    ref_name, ref = (timed[0].cfg.name, timed[0].tokens_per_s) if timed else ("-", 0.0)
+    timed = [r for r in runs if not r.failed and r.result.tokens_per_s > 0]
+    ref_name, ref = (timed[0].cfg.name, timed[0].result.tokens_per_s) if timed else ("-", 0.0)
     for run in runs:
         cfg, result = run.cfg, run.result
+        tokens_seen = result.tokens_seen if result else 0
+        tokens_per_s = result.tokens_per_s if result else 0.0
+        train_seconds = result.train_seconds if result else 0.0
         metrics = read_metrics(Path(cfg.train.out_dir) / "metrics.jsonl")
         curves[cfg.name] = metrics
         lines += [json.dumps({"run": cfg.name, **m}) for m in metrics]
         ev = result.final_eval if result is not None else {}
         status = _status(run, budget_tokens)
-        ratio = ref / run.tokens_per_s if ref and run.tokens_per_s > 0 else None
+        ratio = ref / tokens_per_s if ref and tokens_per_s > 0 else None
         if run.failed:
             tokens: object = f"failed after {_steps(run.step)} ({run.error.split(':')[0]})"
         elif status == "finished":
-            tokens = run.tokens_seen
+            tokens = tokens_seen
         else:
-            tokens = f"{run.tokens_seen:,} (stopped early)"
+            tokens = f"{tokens_seen:,} (stopped early)"
         table.append(
             [
                 cfg.name,
                 cfg.model.name,
-                run.n_params if run.n_params is not None else "-",
+                result.n_params if result else "-",
                 tokens,
                 ev.get("ppl", "-" if run.failed else float("nan")),
                 ev.get("bpb", "-" if run.failed else float("nan")),
-                run.tokens_per_s if run.tokens_per_s > 0 else "-",
+                tokens_per_s if tokens_per_s > 0 else "-",
                 f"{ratio:.2f}x" if ratio is not None else "-",
-                run.train_seconds if run.train_seconds > 0 else "-",
+                train_seconds if train_seconds > 0 else "-",
             ]
         )
         records.append(
@@ -292,19 +285,19 @@ def _write_demo_report(out: Path, runs: list[DemoRun], corpus, wall_seconds: flo
                 "model": cfg.model.name,
                 "status": status,
                 "error": run.error or None,
-                "params": run.n_params,
+                "params": result.n_params if result else None,
                 "steps": run.step,
-                "tokens": run.tokens_seen,
+                "tokens": tokens_seen,
                 "complete": status == "finished",
                 "val": ev,
-                "tokens_per_s": run.tokens_per_s,
+                "tokens_per_s": tokens_per_s,
                 "time_per_token_ratio": ratio,
-                "train_seconds": run.train_seconds,
-                "checkpoint": str(run.checkpoint) if run.checkpoint else None,
+                "train_seconds": train_seconds,
+                "checkpoint": str(result.checkpoint) if result and result.checkpoint else None,
                 "interrupted": status == "interrupted",
             }
         )
-    uni = next((r.unigram_eval for r in runs if r.unigram_eval), None)
+    uni = next((r.result.unigram_eval for r in runs if r.result and r.result.unigram_eval), None)
     if uni is not None:
         table.append(
             [
