@@ -59,9 +59,13 @@ def plot_curves(
     ylim: tuple[float, float] | None = (0.0, 1.05),
     logx: bool = False,
     baseline: float | None = None,
+    errors: Mapping[str, Mapping[str, Sequence[float | None]]] | None = None,
 ) -> None:
     """One panel per key of ``panels``; in each, one line per series name (same colour, marker
     and line style across panels, so equal curves stay distinguishable).
+
+    ``errors[panel][name]``: a spread per point (the standard deviation over seeds), drawn as a
+    band of ± that value around the line (none where it is ``None``).
 
     ``logx``: a base-2 x axis with a tick at every x value (pair counts, lengths); ``baseline``:
     a dashed grey line (chance). Series are drawn slightly apart along x (a few percent of a
@@ -89,6 +93,15 @@ def plot_curves(
                 label=name,
             )
             handles.setdefault(name, line)
+            spread = (errors or {}).get(panel, {}).get(name)
+            if spread is not None:
+                mean, err = _nan(ys), _nan(spread)
+                ax.fill_between(
+                    _spread(xs, j, len(names), logx),
+                    [m - e for m, e in zip(mean, err, strict=True)],
+                    [m + e for m, e in zip(mean, err, strict=True)],
+                    color=f"C{j % 10}", alpha=0.15, lw=0,
+                )  # fmt: skip
         if baseline is not None:
             handles["chance"] = ax.axhline(baseline, color="0.5", ls="--", lw=1.0, label="chance")
         ax.set_title(panel, fontsize=10)
@@ -173,8 +186,10 @@ def plot_bars(
     *,
     ylabel: str,
     title: str = "",
+    errors: Mapping[str, Mapping[str, float | None]] | None = None,
 ) -> None:
-    """Grouped bars: one group per key of ``groups``, one bar per inner key."""
+    """Grouped bars: one group per key of ``groups``, one bar per inner key; ``errors`` (same
+    keys) draws ± that value (the standard deviation over seeds) as an error bar."""
     plt = _pyplot()
     kinds = list(dict.fromkeys(k for bars in groups.values() for k in bars))
     width = 0.8 / max(1, len(kinds))
@@ -182,7 +197,11 @@ def plot_bars(
     for j, kind in enumerate(kinds):
         xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(groups))]
         ys = _nan([bars.get(kind) for bars in groups.values()])
-        bars = ax.bar(xs, ys, width=width, label=kind, color=f"C{j % 10}")
+        err = None
+        if errors is not None:
+            err = [0.0 if math.isnan(e) else e for e in
+                   _nan([errors.get(g, {}).get(kind) for g in groups])]  # fmt: skip
+        bars = ax.bar(xs, ys, width=width, label=kind, color=f"C{j % 10}", yerr=err, capsize=2)
         ax.bar_label(bars, fmt="%.4g", fontsize=7)
     ax.set_xticks(range(len(groups)), list(groups), fontsize=9)
     ax.set_ylabel(ylabel)

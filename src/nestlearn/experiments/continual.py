@@ -42,6 +42,7 @@ from nestlearn.eval.results import write_result
 from nestlearn.experiments.continual_metrics import continual_metrics
 from nestlearn.experiments.label_scoring import LabelScorer
 from nestlearn.experiments.model_source import add_model_args, add_run_args, model_from_args
+from nestlearn.experiments.seeds import resolve_seeds
 from nestlearn.train.optim import build_optimizer
 from nestlearn.train.report import markdown_table
 
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] = ()) -> int:
     args = build_parser().parse_intermixed_args(list(argv))
+    resolve_seeds(args)
     n_tasks, per_task = DEFAULT_SPLITS[args.data]
     n_tasks = args.tasks or n_tasks
     per_task = args.classes_per_task or per_task

@@ -2,9 +2,9 @@
 
 One module for all experiments:
 
-- :func:`add_run_args` / :func:`setup`: ``--out``, ``--seed``, ``--device``, ``--threads``,
-  ``--no-progress``; threads, seeds and the device. :func:`apply_preset`: named scales of an
-  experiment's defaults (``--preset tiny|paper``).
+- :func:`add_run_args` / :func:`setup`: ``--out``, ``--seed``/``--seeds``, ``--device``,
+  ``--threads``, ``--no-progress``; threads, seeds and the device. :func:`apply_preset`:
+  named scales of an experiment's defaults (``--preset tiny|paper``).
 - Experiments on one model (continual, test-time, zero-shot): :func:`add_model_args` and
   :func:`model_from_args`. ``--checkpoint DIR`` loads a run folder (its newest valid checkpoint)
   or a step folder: the model, its weights and the tokenizer it was trained with (a checkpoint
@@ -36,6 +36,7 @@ from nestlearn.config.loader import parse_overrides, read_named
 from nestlearn.config.schema import ModelConfig
 from nestlearn.data.tokenizer import ByteTokenizer, Tokenizer
 from nestlearn.errors import ConfigError, SequenceTooLongError
+from nestlearn.experiments.seeds import add_seed_args, resolve_seeds
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.registry import available_models, build_model, model_config_class
 from nestlearn.train.runtime import resolve_device, seed_everything
@@ -53,9 +54,10 @@ class ExperimentModel:
 
 
 def add_run_args(parser: argparse.ArgumentParser, out: str) -> None:
-    """``--out``, ``--seed``, ``--device``, ``--threads``, ``--no-progress``."""
+    """``--out``, ``--seed S [S ...]`` / ``--seeds N`` (:mod:`nestlearn.experiments.seeds`),
+    ``--device``, ``--threads``, ``--no-progress``."""
     parser.add_argument("--out", default=out, help=f"output folder (default {out})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, model init, sampling")
+    add_seed_args(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
@@ -64,7 +66,11 @@ def add_run_args(parser: argparse.ArgumentParser, out: str) -> None:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Threads, seeds and the device, from :func:`add_run_args`' arguments."""
+    """Threads, seeds and the device, from :func:`add_run_args`' arguments.
+
+    Resolves ``args.seeds`` / ``args.seed`` (:func:`resolve_seeds`) and seeds torch with the
+    first seed; an experiment running several seeds reseeds per run."""
+    resolve_seeds(args)
     if args.threads < 0:
         raise ConfigError("--threads must be >= 0 (0 = torch's default)")
     if args.threads:
@@ -77,10 +83,12 @@ def apply_preset(
     args: argparse.Namespace, presets: Mapping[str, Mapping[str, Any]]
 ) -> argparse.Namespace:
     """Fill every flag left unset (``None``) from ``presets[args.preset]``: a named scale of an
-    experiment's defaults that any flag given on the command line overrides."""
+    experiment's defaults that any flag given on the command line overrides; then the seeds
+    (:func:`resolve_seeds`: a preset may set ``n_seeds``, which ``--seed``/``--seeds`` override)."""
     for key, value in presets[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    resolve_seeds(args)
     return args
 
 

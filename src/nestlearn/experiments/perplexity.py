@@ -25,6 +25,7 @@ from nestlearn.eval.results import write_result
 from nestlearn.eval.streaming import MODES, stream_perplexity
 from nestlearn.eval.text import eval_tokens
 from nestlearn.experiments.model_source import add_run_args, setup
+from nestlearn.experiments.seeds import resolve_seeds
 from nestlearn.models.registry import available_models
 from nestlearn.train import Trainer
 from nestlearn.train.checkpoint import load_model
@@ -91,6 +92,7 @@ def _train(name: str, args: argparse.Namespace, out: Path) -> Path:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    resolve_seeds(args)
     if args.models is None:
         args.models = [] if args.checkpoints else list(DEFAULT_MODELS)
     if not args.models and not args.checkpoints:

@@ -63,6 +63,7 @@ from nestlearn.experiments.model_source import (
     clone_state,
     model_from_args,
 )
+from nestlearn.experiments.seeds import resolve_seeds
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.train.report import markdown_table
 
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] = ()) -> int:
     args = build_parser().parse_intermixed_args(list(argv))
+    resolve_seeds(args)
     for flag in ("docs", "facts_per_doc", "key_len", "value_digits", "episodes", "batch_size"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")

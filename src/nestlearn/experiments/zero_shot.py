@@ -27,6 +27,7 @@ from nestlearn.eval.figures import save_figure
 from nestlearn.eval.results import write_result
 from nestlearn.experiments.lm_scorer import LMScorer
 from nestlearn.experiments.model_source import add_model_args, add_run_args, model_from_args
+from nestlearn.experiments.seeds import resolve_seeds
 from nestlearn.models.base import LanguageModel
 from nestlearn.train.report import markdown_table
 
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] = ()) -> int:
     args = build_parser().parse_intermixed_args(list(argv))
+    resolve_seeds(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ConfigError("--tasks is empty: name at least one lm-eval task")
