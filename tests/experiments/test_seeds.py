@@ -86,3 +86,28 @@ def test_figures_draw_spreads(tmp_path):
         ylabel="v", errors={"m1": {"x": 0.1, "y": None}},
     )  # fmt: skip
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_units_are_computed_once_per_settings(tmp_path):
+    from nestlearn.experiments.units import run_unit, unit_path, unit_settings
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"accuracy": 0.5}
+
+    args = argparse.Namespace(out=str(tmp_path), threads=1, steps=10, seed=0)
+    settings = unit_settings(args, model="hope", seed=0)
+    assert "out" not in settings and settings["steps"] == 10
+    assert run_unit(tmp_path, "hope-seed0", settings, compute) == {"accuracy": 0.5}
+    assert run_unit(tmp_path, "hope-seed0", settings, compute)["reused"] is True
+    assert len(calls) == 1
+    changed = unit_settings(argparse.Namespace(steps=11), model="hope", seed=0)
+    run_unit(tmp_path, "hope-seed0", changed, compute)  # other settings: recomputed
+    assert len(calls) == 2
+    unit_path(tmp_path, "hope-seed0").write_text("{torn")
+    run_unit(tmp_path, "hope-seed0", changed, compute)  # unreadable: recomputed
+    assert len(calls) == 3
+    run_unit(tmp_path, "hope-seed0", changed, compute, fresh=True)
+    assert len(calls) == 4

@@ -7,7 +7,9 @@
      "args": {...},                     # the parsed command line
      "table": {"headers": [...], "rows": [[...], ...]},   # the summary table
      "figures": ["mqar.png"],           # paths relative to OUT
-     "results": [...]}                  # the experiment's full numbers
+     "results": [...],                  # the experiment's full numbers (one record per run)
+     "summary": {"hope": {"accuracy": {"mean": .., "std": .., "n": 3, "missing": 0,
+                                       "values": [...]}}}}   # model -> metric -> over seeds
 
 ``OUT/results.md`` holds the same table in markdown (or the experiment's own markdown, which
 may hold more tables) with the figures linked below it. Every experiment writes through
@@ -53,6 +55,7 @@ def write_result(
     results: Any = None,
     title: str = "",
     markdown: str | None = None,
+    summary: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``result.json`` and ``results.md`` into ``out_dir``; return the JSON's path.
 
@@ -69,6 +72,7 @@ def write_result(
         "table": {"headers": list(headers), "rows": [list(r) for r in rows]},
         "figures": list(figures),
         "results": results,
+        "summary": dict(summary or {}),
     }
     path = out_dir / RESULT_FILE
     atomic_write_text(path, json.dumps(_plain(record), indent=2, default=str) + "\n")
