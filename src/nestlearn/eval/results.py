@@ -13,7 +13,8 @@
 
 ``OUT/results.md`` holds the same table in markdown (or the experiment's own markdown, which
 may hold more tables) with the figures linked below it. Every experiment writes through
-:func:`write_result`.
+:func:`write_result`; ``summary`` holds each headline number over seeds
+(:func:`nestlearn.experiments.seeds.spread`), which ``nestlearn experiment suite`` gathers.
 """
 
 from __future__ import annotations
