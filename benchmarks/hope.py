@@ -1,7 +1,7 @@
 """Self-modifying Titans (HOPE's sequence mixer) against PyPI ``nested-learning==0.2.0``.
 
     nestlearn bench hope [--json FILE] [--seq-len 512] [--repeats 3] [--threads N]
-                         [--clock wall|cpu] [--autograd-bank]
+                         [--clock wall|cpu] [--autograd-bank] [--device cpu|cuda]
 
 Ours: forward + backward tokens/s of :class:`~nestlearn.layers.self_modifying.
 SelfModifyingTitansMixer` (gradients into every meta-parameter through the inner updates) at
@@ -14,7 +14,8 @@ of ``--repeats``, in turns (a, b, a, b, ...) so that a burst of load on a shared
 of them alike. The issue's target: ours with gradients >= 10x theirs. ``--autograd-bank`` also
 times ours with the other memories' segments (reads, coefficients, writes) through plain
 autograd (``fused_bank=False``, the formulation before ``memory/dgd/bank_fused.py``), in the same
-turns.
+turns. ``--device cuda`` runs every entry on the GPU (float32; each timed call ends with a CUDA
+synchronize).
 """
 
 from __future__ import annotations
@@ -34,16 +35,23 @@ D_MODEL, HEADS, MEMORY_CHUNK = 256, 4, 64
 OTHER_CHUNKS = (16, 8)
 
 
+def _sync(x: torch.Tensor) -> None:
+    """Wait for the GPU (CUDA runs asynchronously) so that a timed call is a finished one."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
 def ours(x: torch.Tensor, other_chunk: int, fused_bank: bool = True) -> Callable[[], None]:
     torch.manual_seed(0)
     layer = SelfModifyingTitansMixer(
         D_MODEL, HEADS, D_MODEL // HEADS, chunk_size=MEMORY_CHUNK, other_chunk_size=other_chunk
-    )
+    ).to(x.device)
     layer.options = dataclasses.replace(layer.options, fused_bank=fused_bank)
 
     def step() -> None:
         layer.zero_grad(set_to_none=True)
         layer(x)[0].sum().backward()
+        _sync(x)
 
     return step
 
@@ -60,11 +68,12 @@ def theirs(x: torch.Tensor, other_chunk: int) -> Callable[[], None] | None:
     config = SelfModifyingTitansConfig(
         dim=D_MODEL, chunk_size_other=other_chunk, chunk_size_memory=MEMORY_CHUNK
     )
-    module = SelfModifyingTitans(config)
+    module = SelfModifyingTitans(config).to(x.device)
 
     def step() -> None:
         with torch.no_grad():
             module.forward_with_updates(x, module.init_fast_state())
+        _sync(x)
 
     return step
 
@@ -86,11 +95,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also time ours with plain autograd through the other memories' segments",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device (torch.cuda.is_available() is False)")
     torch.manual_seed(0)
-    x = torch.randn(1, args.seq_len, D_MODEL)
+    x = torch.randn(1, args.seq_len, D_MODEL).to(args.device)
     steps: dict[str, Callable[[], None]] = {}
     installed = True
     for chunk in OTHER_CHUNKS:
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
     result = {
-        "device": "cpu",
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
         "torch": torch.__version__,

@@ -1,7 +1,7 @@
 """Chunkwise vs sequential memory layers, and Titans' memory against titans-pytorch.
 
     nestlearn bench memory [--json FILE] [--seq-len 2048] [--repeats 3] [--threads N]
-                           [--layers titans_lmm,...] [--clock wall|cpu]
+                           [--layers titans_lmm,...] [--clock wall|cpu] [--device cpu|cuda]
 
 Part 1 (issue: chunkwise >= 20x sequential): for every memory layer, forward + backward tokens/s
 of the chunkwise and sequential (reference) forms, measured side by side in this run, at B=2,
@@ -18,7 +18,8 @@ dim 256, 4 heads of 64, chunk 64, with the same memory MLP on both sides (64 -> 
 default, and 64 -> 256 -> 64, theirs). Best of ``--repeats`` timings each, taken in turns
 (machines are noisy). ``--clock cpu`` times with the process's CPU time instead of the wall
 clock: on a machine shared with other jobs, with ``--threads 1``, it does not count the time the
-process waits for a core (with more threads it would count their spin-waits).
+process waits for a core (with more threads it would count their spin-waits). ``--device cuda``
+runs both parts on the GPU (float32; every timed call ends with a CUDA synchronize).
 """
 
 from __future__ import annotations
@@ -106,26 +107,40 @@ def op_steps(name: str, layer: torch.nn.Module, x: torch.Tensor) -> dict[str, Ca
     return {key: lambda f=f: _DenseGrad.apply(f(*args, **kwargs)[0]) for key, f in forms.items()}
 
 
+def fwd_bwd(step: Callable[[], torch.Tensor], device: str) -> None:
+    """One forward + backward of ``step``, finished (CUDA runs asynchronously: synchronize)."""
+    step().sum().backward()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_fwd_bwd(
-    steps: dict[str, Callable[[], torch.Tensor]], repeats: int, clock: str = "wall"
+    steps: dict[str, Callable[[], torch.Tensor]],
+    repeats: int,
+    clock: str = "wall",
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Best time (``clock``: wall or process CPU) of one forward + backward per entry, in turns
     (:func:`nestlearn.utils.timing.best_in_turns`)."""
-    runs = {name: lambda step=step: step().sum().backward() for name, step in steps.items()}
+    runs = {name: lambda step=step: fwd_bwd(step, device) for name, step in steps.items()}
     return best_in_turns(runs, repeats, clock)
 
 
 def chunk_vs_sequential(
-    seq_len: int, repeats: int, layers: list[str] = LAYERS, clock: str = "wall"
+    seq_len: int,
+    repeats: int,
+    layers: list[str] = LAYERS,
+    clock: str = "wall",
+    device: str = "cpu",
 ) -> list[dict]:
     B, d, heads, chunk = 2, 256, 4, 64
     rows = []
     for name in layers:
         torch.manual_seed(0)
-        chunked = build_layer(name, "chunk", d, heads, chunk)
-        sequential = build_layer(name, "reference", d, heads, chunk)
+        chunked = build_layer(name, "chunk", d, heads, chunk).to(device)
+        sequential = build_layer(name, "reference", d, heads, chunk).to(device)
         sequential.load_state_dict(chunked.state_dict())
-        x = torch.randn(B, seq_len, d)
+        x = torch.randn(B, seq_len, d).to(device)
         with torch.no_grad():
             diff = (chunked(x)[0] - sequential(x)[0]).abs().max().item()
         steps = {
@@ -133,7 +148,7 @@ def chunk_vs_sequential(
             "seq": lambda m=sequential, x=x: _DenseGrad.apply(m(x)[0]),
             **op_steps(name, chunked, x),
         }
-        times = time_fwd_bwd(steps, repeats, clock)
+        times = time_fwd_bwd(steps, repeats, clock, device)
         t_chunk, t_seq = times["chunk"], times["seq"]
         shared = t_chunk - times["op_chunk"]
         tokens = B * seq_len
@@ -162,14 +177,17 @@ def chunk_vs_sequential(
     return rows
 
 
-def against_titans_pytorch(repeats: int, expansion: int = 2, clock: str = "wall") -> dict:
+def against_titans_pytorch(
+    repeats: int, expansion: int = 2, clock: str = "wall", device: str = "cpu"
+) -> dict:
     """Both memories with the same MLP: 2 layers, ``head_dim -> expansion·head_dim -> head_dim``
     (ours ``hidden_mult``, theirs ``default_model_kwargs["expansion_factor"]``; their default is
     4, ours 2: the report gives both, each with the other side matched to it)."""
     B, T, d, heads, chunk = 2, 1024, 256, 4, 64
     torch.manual_seed(0)
-    x = torch.randn(B, T, d)
+    x = torch.randn(B, T, d).to(device)
     ours = NeuralMemoryMixer(d, heads, d // heads, chunk_size=chunk, hidden_mult=expansion)
+    ours.to(device)
     steps = {"ours": lambda: ours(x)[0]}
     try:
         from titans_pytorch import NeuralMemory
@@ -182,9 +200,9 @@ def against_titans_pytorch(repeats: int, expansion: int = 2, clock: str = "wall"
             heads=heads,
             dim_head=d // heads,
             default_model_kwargs={"depth": 2, "expansion_factor": float(expansion)},
-        )
+        ).to(device)
         steps["theirs"] = lambda: theirs(x)[0]
-    times = time_fwd_bwd(steps, repeats, clock)
+    times = time_fwd_bwd(steps, repeats, clock, device)
     t_ours = times["ours"]
     result = {
         "shape": {"batch": B, "seq_len": T, "dim": d, "heads": heads, "chunk": chunk},
@@ -214,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         default="wall",
         help="wall clock, or process CPU time (a loaded machine, with --threads 1)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     args = parser.parse_args(argv)
     layers = [name for name in args.layers.split(",") if name]
     unknown = sorted(set(layers) - set(LAYERS))
@@ -223,13 +242,20 @@ def main(argv: list[str] | None = None) -> None:
         if args.threads < 1:
             parser.error(f"--threads: expected an int >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device (torch.cuda.is_available() is False)")
     result = {
-        "device": "cpu",
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
         "torch": torch.__version__,
-        "chunk_vs_sequential": chunk_vs_sequential(args.seq_len, args.repeats, layers, args.clock),
-        "titans": [against_titans_pytorch(args.repeats, e, args.clock) for e in (2, 4)],
+        "seq_len": args.seq_len,
+        "chunk_vs_sequential": chunk_vs_sequential(
+            args.seq_len, args.repeats, layers, args.clock, args.device
+        ),
+        "titans": [
+            against_titans_pytorch(args.repeats, e, args.clock, args.device) for e in (2, 4)
+        ],
     }
     rows = [
         [

@@ -8,6 +8,34 @@ import torch
 
 from nestlearn.config import load_config
 
+CUDA = torch.cuda.is_available()
+# Every device this machine has: tests parametrized over it run on the CPU once, as before, and
+# again on CUDA where there is one. Select the CUDA cases with ``pytest -k cuda``.
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def device_params(cpu: bool = True) -> list:
+    """``pytest.param``s of the devices, ids ``cpu`` and ``cuda``; the CUDA one is skipped
+    without CUDA (so a CUDA-only test, ``cpu=False``, shows as skipped on the CPU)."""
+    params = [pytest.param("cpu", id="cpu")] if cpu else []
+    skip = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+    return [*params, pytest.param("cuda", id="cuda", marks=skip)]
+
+
+def on_device(tree, device: str):
+    """``tree`` (a tensor, or lists, tuples and dicts of them) with every tensor copied to
+    ``device`` as a new leaf that requires grad where the original did; a tensor already there
+    is returned unchanged, so a CPU run is the test as it was."""
+    if isinstance(tree, torch.Tensor):
+        if tree.device.type == torch.device(device).type:
+            return tree
+        return tree.detach().to(device).requires_grad_(tree.requires_grad)
+    if isinstance(tree, list | tuple):
+        return type(tree)(on_device(x, device) for x in tree)
+    if isinstance(tree, dict):
+        return {key: on_device(x, device) for key, x in tree.items()}
+    return tree
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):

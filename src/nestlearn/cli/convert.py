@@ -1,11 +1,13 @@
 """``nestlearn convert HF_DIR OUT_DIR [--levels K] [--chunk-sizes C,...] [--lrs η,...]
 [--variant V] [--extra-levels E] [--allow-inexact] [--tokenizer T] [section.key=value ...]``.
 
-Level stacking (SPEC §4, paper §7.3; docs/level-stacking.md): a local Hugging Face Llama- or
-GPT-2-style checkpoint (config.json + safetensors) becomes a HOPE-attention run folder whose CMS
-levels start from the pretrained MLPs. ``model.*`` overrides change the converted model (e.g.
+Level stacking (SPEC §4, paper §7.3; docs/level-stacking.md): a local Hugging Face Llama-family
+(llama, mistral, qwen2) or GPT-2 checkpoint (config.json + safetensors) becomes a HOPE-attention
+run folder whose CMS levels start from the pretrained MLPs, with the checkpoint's own tokenizer
+(tokenizer.json). ``model.*`` overrides change the converted model (e.g.
 ``model.max_seq_len=4096``, ``model.cms_objective=local``); other sections (``data.*``,
 ``optim.*``, ``train.*``) go into the run config that ``nestlearn train --resume OUT_DIR`` uses.
+A sliding-window checkpoint (Mistral) converts with ``max_seq_len`` capped at its window.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _float_list(text: str) -> list[float]:
 def add_parser(sub, name: str) -> None:
     parser = sub.add_parser(
         name,
-        help="HF Llama/GPT-2 checkpoint -> HOPE-attention run (level stacking)",
+        help="HF Llama/Mistral/Qwen2/GPT-2 checkpoint -> HOPE-attention run (level stacking)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -104,4 +106,11 @@ def run(args: argparse.Namespace) -> int:
         f"{record['levels']} CMS level(s) ({record['variant']}), {n_params:,} parameters; "
         f"at zero CMS lrs {exact} -> {checkpoint}"
     )
+    window = record["sliding_window"]
+    if window is not None and model.config.max_seq_len <= window:
+        print(
+            f"note: the checkpoint's attention has a sliding window of {window} tokens and "
+            f"hope_attention has none, so the context is max_seq_len={model.config.max_seq_len} "
+            "(<= the window: exact)"
+        )
     return 0

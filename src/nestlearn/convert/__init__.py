@@ -1,9 +1,11 @@
 """Converting pretrained models into nestlearn models: level stacking (SPEC §4, paper §7.3).
 
-``level_stack(hf_dir, levels=..., variant=...)`` reads a local Hugging Face Llama- or GPT-2-style
-folder with ``safetensors`` (no ``transformers`` needed) and returns a ``hope_attention`` model
-whose CMS levels start from the pretrained MLPs; ``write_run_folder`` saves it as a run that
-``nestlearn generate/eval/train --resume`` use. See docs/level-stacking.md.
+``level_stack(hf_dir, levels=..., variant=...)`` reads a local Hugging Face Llama-family (Llama,
+Mistral, Qwen2) or GPT-2-style folder with ``safetensors`` (no ``transformers`` needed) and
+returns a ``hope_attention`` model whose CMS levels start from the pretrained MLPs;
+``write_run_folder`` saves it as a run that
+``nestlearn generate/eval/train --resume`` use, with the model's own tokenizer
+(:class:`PretrainedTokenizer`). See docs/level-stacking.md.
 """
 
 from nestlearn.convert.architectures import SUPPORTED
@@ -20,12 +22,14 @@ from nestlearn.convert.level_stacking import (
     stacked_state_dict,
 )
 from nestlearn.convert.run_folder import resolve_tokenizer, write_run_folder
+from nestlearn.convert.tokenizer import PretrainedTokenizer
 
 __all__ = [
     "EXTRA_LEVELS",
     "SUPPORTED",
     "VARIANTS",
     "HFTensors",
+    "PretrainedTokenizer",
     "conversion_record",
     "default_chunk_sizes",
     "inexact_reason",

@@ -5,11 +5,17 @@ and its tensors, one block at a time, to the pieces of a HOPE-attention block
 (:func:`block_tensors`): the attention norm, fused ``qkv`` and output projections, the MLP's norm
 and the MLP's weights under the CMS names ``w1, (w3), w2, (b1, (b3), b2)`` (``[out, in]``).
 
-    llama  q/k/v/o_proj (GQA: num_key_value_heads), gate/up/down_proj SwiGLU (w1 = gate,
-           w3 = up, w2 = down), RMSNorm, RoPE (rope_theta), tied or untied lm_head
-    gpt2   c_attn (fused q, k, v) and c_proj, c_fc/c_proj GELU(tanh) MLP, all with biases and
-           stored as Conv1D ``[in, out]`` (transposed here), LayerNorm with bias, learned
-           position embeddings wpe, head tied to wte
+    llama    q/k/v/o_proj (GQA: num_key_value_heads), gate/up/down_proj SwiGLU (w1 = gate,
+             w3 = up, w2 = down), RMSNorm, RoPE (rope_theta), tied or untied lm_head
+    mistral  Llama's tensors, no biases; its sliding-window attention (sliding_window = W:
+             position i attends to i-W+1 .. i) equals full causal attention on sequences of at
+             most W tokens, so the converted model's max_seq_len is capped at W
+             (:func:`window_reason` judges a longer one)
+    qwen2    Llama's tensors plus q/k/v biases (o_proj has none: a zero output bias here); a
+             sliding window only when use_sliding_window is true, capped likewise
+    gpt2     c_attn (fused q, k, v) and c_proj, c_fc/c_proj GELU(tanh) MLP, all with biases and
+             stored as Conv1D ``[in, out]`` (transposed here), LayerNorm with bias, learned
+             position embeddings wpe, head tied to wte
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import torch
 
 from nestlearn.errors import ConfigError
 
-SUPPORTED = ("llama", "gpt2")
+SUPPORTED = ("llama", "gpt2", "mistral", "qwen2")
+# Llama's block structure and tensor names: the model types that differ only in config fields.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 Getter = Callable[[str], torch.Tensor]
 
 
@@ -31,9 +39,44 @@ def check_model_type(hf: Mapping[str, Any], where: str) -> str:
     if model_type not in SUPPORTED:
         raise ConfigError(
             f"{where}: model_type '{model_type}' is not supported by level stacking; supported: "
-            f"{', '.join(SUPPORTED)} (Llama-style and GPT-2-style checkpoints)"
+            f"{', '.join(SUPPORTED)} (Llama-family and GPT-2-style checkpoints)"
         )
     return model_type
+
+
+def family(model_type: str) -> str:
+    """``llama`` for every Llama-family model type (same tensors), else the type itself."""
+    return "llama" if model_type in LLAMA_FAMILY else model_type
+
+
+def sliding_window(hf: Mapping[str, Any]) -> int | None:
+    """The attention window ``W`` the checkpoint uses (position ``i`` attends to ``i-W+1 .. i``),
+    or None for full causal attention: Mistral's ``sliding_window``; Qwen2's only when
+    ``use_sliding_window`` is true and some layer is a ``sliding_attention`` one."""
+    window = hf.get("sliding_window")
+    if window is None:
+        return None
+    if hf.get("model_type") == "qwen2":
+        layer_types = hf.get("layer_types")
+        if not hf.get("use_sliding_window", False) or (
+            layer_types is not None and "sliding_attention" not in layer_types
+        ):
+            return None
+    return int(window)
+
+
+def window_reason(hf: Mapping[str, Any], max_seq_len: int) -> str | None:
+    """Why a converted model of context ``max_seq_len`` differs from the checkpoint's sliding-
+    window attention, or None when it does not (no window, or ``max_seq_len <= W``: on at most W
+    tokens a window of W is full causal attention)."""
+    window = sliding_window(hf)
+    if window is None or max_seq_len <= window:
+        return None
+    return (
+        f"the checkpoint attends over a sliding window of {window} tokens and hope_attention has "
+        f"no sliding window: at model.max_seq_len={max_seq_len} positions past {window} would "
+        f"see more context than the original; keep model.max_seq_len <= {window} (the default)"
+    )
 
 
 def _require(hf: Mapping[str, Any], key: str, where: str) -> Any:
@@ -46,7 +89,9 @@ def model_fields(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``hope_attention`` fields reproducing the architecture; ConfigError for a setting it
     cannot reproduce (it names the field and the value)."""
     model_type = check_model_type(hf, where)
-    return _llama_fields(hf, where) if model_type == "llama" else _gpt2_fields(hf, where)
+    if family(model_type) == "llama":
+        return _llama_fields(hf, where)
+    return _gpt2_fields(hf, where)
 
 
 def _llama_fields(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -75,18 +120,24 @@ def _llama_fields(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
             "only plain RoPE (rope_type 'default') converts exactly"
         )
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    max_seq_len = int(hf.get("max_position_embeddings", 2048))
+    window = sliding_window(hf)
+    if window is not None:
+        # Exact: on at most W tokens the sliding window is full causal attention.
+        max_seq_len = min(max_seq_len, window)
     return {
         "vocab_size": int(_require(hf, "vocab_size", where)),
         "d_model": d,
         "n_layers": int(_require(hf, "num_hidden_layers", where)),
         "n_heads": heads,
         "n_kv_heads": int(hf.get("num_key_value_heads") or heads),
-        "max_seq_len": int(hf.get("max_position_embeddings", 2048)),
+        "max_seq_len": max_seq_len,
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "rope_theta": float(theta),
         "positions": "rope",
-        "attn_bias": bool(hf.get("attention_bias", False)),
+        # Qwen2 always has q/k/v biases (and no attention_bias field).
+        "attn_bias": hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
         "norm": "rms",
         "cms_mlp": "swiglu",
         "cms_bias": bool(hf.get("mlp_bias", False)),
@@ -131,7 +182,7 @@ def _gpt2_fields(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
 def global_tensors(model_type: str, get: Getter, tied: bool) -> dict[str, torch.Tensor]:
     """Embedding, position table, final norm and head under our names (``head.weight`` only when
     untied)."""
-    if model_type == "llama":
+    if family(model_type) == "llama":
         out = {
             "embed.weight": get("model.embed_tokens.weight"),
             "norm.weight": get("model.norm.weight"),
@@ -153,12 +204,12 @@ def global_tensors(model_type: str, get: Getter, tied: bool) -> dict[str, torch.
 def block_tensors(model_type: str, get: Getter, i: int, attn_bias: bool, mlp_bias: bool) -> dict:
     """Block ``i``: ``{"mixer": {name: tensor}, "mlp_norm": {weight, (bias)}, "mlp": {w1, ...}}``
     with mixer names relative to ``blocks.{i}.``."""
-    if model_type == "llama":
-        return _llama_block(get, i, attn_bias, mlp_bias)
+    if family(model_type) == "llama":
+        return _llama_block(get, i, attn_bias, mlp_bias, out_bias=model_type != "qwen2")
     return _gpt2_block(get, i)
 
 
-def _llama_block(get: Getter, i: int, attn_bias: bool, mlp_bias: bool) -> dict:
+def _llama_block(get: Getter, i: int, attn_bias: bool, mlp_bias: bool, out_bias: bool) -> dict:
     p = f"model.layers.{i}."
     qkv = [get(f"{p}self_attn.{n}_proj.weight") for n in "qkv"]
     mixer = {
@@ -170,7 +221,11 @@ def _llama_block(get: Getter, i: int, attn_bias: bool, mlp_bias: bool) -> dict:
         mixer["mixer.attn.qkv.bias"] = torch.cat(
             [get(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]
         )
-        mixer["mixer.attn.out.bias"] = get(f"{p}self_attn.o_proj.bias")
+        # Qwen2 biases q/k/v only; our shared switch gives ``out`` a bias too, which is zero.
+        out = mixer["mixer.attn.out.weight"]
+        mixer["mixer.attn.out.bias"] = (
+            get(f"{p}self_attn.o_proj.bias") if out_bias else out.new_zeros(out.shape[0])
+        )
     names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
     mlp = {ours: get(f"{p}mlp.{theirs}.weight") for ours, theirs in names.items()}
     if mlp_bias:
@@ -206,6 +261,6 @@ def _gpt2_block(get: Getter, i: int) -> dict:
 def ignorable(model_type: str, key: str) -> bool:
     """Tensors a checkpoint may carry that hold no weights: RoPE's cached ``inv_freq`` and
     GPT-2's causal-mask buffers (``attn.bias``, ``attn.masked_bias``)."""
-    if model_type == "llama":
+    if family(model_type) == "llama":
         return key.endswith("rotary_emb.inv_freq")
     return key.endswith(("attn.bias", "attn.masked_bias")) and ".c_attn." not in key

@@ -1,10 +1,10 @@
 """Ad-hoc level stacking (SPEC §4, paper §7.3): a pretrained Transformer becomes HOPE-attention.
 
-Every block ``x + attn(norm(x)); x + MLP(norm(x))`` of a Llama- or GPT-2-style checkpoint maps to
-a HOPE-attention block whose CMS has ``k`` levels initialised from that block's MLP
-(``MLP^{(f_i)}_0 = MLP_pretrained``); attention, norms, embeddings and head are copied. The
-converted model equals the original (logits, to float error) when its CMS learning rates are 0
-exactly in the settings SPEC §4 names (:func:`inexact_reason`):
+Every block ``x + attn(norm(x)); x + MLP(norm(x))`` of a Llama-family (Llama, Mistral, Qwen2) or
+GPT-2-style checkpoint maps to a HOPE-attention block whose CMS has ``k`` levels initialised from
+that block's MLP (``MLP^{(f_i)}_0 = MLP_pretrained``); attention, norms, embeddings and head are
+copied. The converted model equals the original (logits, to float error) when its CMS learning
+rates are 0 exactly in the settings SPEC §4 names (:func:`inexact_reason`):
 
     k = 1                                  the CMS is the MLP (any variant)
     sequential, extra levels "zero"        level 0 = the MLP; levels 1.. are copies whose output
@@ -34,6 +34,8 @@ from nestlearn.convert.architectures import (
     global_tensors,
     ignorable,
     model_fields,
+    sliding_window,
+    window_reason,
 )
 from nestlearn.convert.hf_dir import HFTensors, read_hf_config
 from nestlearn.errors import CheckpointError, ConfigError
@@ -230,6 +232,10 @@ def level_stack(
             f"{levels} levels, variant {variant}, extra levels {extra} cannot reproduce the "
             f"pretrained model: {reason} (or pass --allow-inexact / exact=False)"
         )
+    # A model.max_seq_len override past a sliding window (Mistral) changes the attention.
+    reason = window_reason(hf_config, config.max_seq_len)
+    if exact and reason is not None:
+        raise ConfigError(f"{where}: {reason} (or pass --allow-inexact / exact=False)")
     state = stacked_state_dict(hf_config, HFTensors(hf_dir), config, extra, where)
     model = HopeAttentionLM(config).to(dtype)
     load_stacked(model, state, where)
@@ -241,11 +247,14 @@ def conversion_record(
 ) -> dict[str, Any]:
     """What was converted and how, for ``conversion.json`` in the run folder."""
     cfg = model.config
+    hf_config = read_hf_config(hf_dir)
     extra = resolve_extra(cfg.cms_variant, extra_levels)
     reason = inexact_reason(len(cfg.cms_chunk_sizes), cfg.cms_variant, extra)
+    reason = reason or window_reason(hf_config, cfg.max_seq_len)
     return {
         "source": str(Path(hf_dir).resolve()),
-        "model_type": read_hf_config(hf_dir).get("model_type"),
+        "model_type": hf_config.get("model_type"),
+        "sliding_window": sliding_window(hf_config),
         "levels": len(cfg.cms_chunk_sizes),
         "variant": cfg.cms_variant,
         "extra_levels": extra,

@@ -28,23 +28,27 @@ from nestlearn.utils.io import atomic_write_text
 
 def resolve_tokenizer(spec: str, hf_dir: str | Path) -> Tokenizer:
     """``auto``: the HF folder's ``tokenizer.json``; ``byte``: nestlearn's byte tokenizer; else a
-    path to a tokenizer.json. DataError with the fix when nestlearn cannot use it."""
+    path to a tokenizer.json: a byte-level BPE (GPT-2, Llama 3, Qwen2) or a SentencePiece BPE
+    with byte fallback (Llama 2, Mistral), see :mod:`nestlearn.convert.tokenizer`. DataError
+    with the fix when nestlearn cannot use it."""
     hf_dir = Path(hf_dir)
     if spec == "byte":
         return ByteTokenizer()
     path = hf_dir / "tokenizer.json" if spec == "auto" else Path(spec)
     if spec == "auto" and not path.is_file():
         raise DataError(
-            f"{hf_dir} has no tokenizer.json; pass --tokenizer PATH (a byte-level BPE "
-            "tokenizer.json with <|endoftext|>) or --tokenizer byte (ids = UTF-8 bytes, only "
+            f"{hf_dir} has no tokenizer.json (a tokenizer.model alone is not read: save the "
+            "fast tokenizer with AutoTokenizer.from_pretrained(...).save_pretrained(dir)); pass "
+            "--tokenizer PATH (a tokenizer.json) or --tokenizer byte (ids = UTF-8 bytes, only "
             "meaningful for models trained on bytes)"
         )
     try:
         return load_tokenizer(path)
     except DataError as exc:
         raise DataError(
-            f"{exc}. nestlearn reads byte-level BPE tokenizers with an <|endoftext|> token "
-            "(GPT-2's); pass --tokenizer PATH to another one, or --tokenizer byte"
+            f"{exc}. nestlearn reads byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2) and "
+            "SentencePiece BPEs with byte fallback (Llama 2, Mistral); pass --tokenizer PATH to "
+            "another one, or --tokenizer byte"
         ) from None
 
 

@@ -228,7 +228,12 @@ def load_tokenizer(path: Path) -> Tokenizer:
     except Exception as exc:  # the Rust side raises a bare Exception for any parse error
         raise DataError(f"tokenizer file {path} is corrupt ({exc}): {fix}") from None
     try:
-        return BPETokenizer(tok)
+        if _is_byte_level_bpe(spec) and tok.token_to_id(EOS) is not None:
+            return BPETokenizer(tok)
+        # A pretrained model's own tokenizer (Llama, Mistral, Qwen2, ...), kept by conversion.
+        from nestlearn.convert.tokenizer import PretrainedTokenizer
+
+        return PretrainedTokenizer(tok)
     except DataError as exc:
         raise DataError(f"tokenizer file {path}: {exc}") from None
 

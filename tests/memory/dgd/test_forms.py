@@ -25,6 +25,7 @@ from nestlearn.memory.dgd.forms import (
     dgd_mlp_memory_step,
 )
 from nestlearn.memory.mlp.forms import init_mlp_memory_state, mlp_memory_chunk
+from tests.conftest import device_params, on_device
 
 DT = torch.float64
 
@@ -109,10 +110,10 @@ def make_case(
 def outer_loss(o: torch.Tensor, state: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """A fixed random linear functional of the outputs and every float entry of the state."""
     gen = torch.Generator().manual_seed(1234)
-    loss = (o * torch.randn(o.shape, generator=gen, dtype=DT)).sum()
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=DT).to(o.device)).sum()
     for key in sorted(state or {}):
         if state[key].is_floating_point():
-            weight = torch.randn(state[key].shape, generator=gen, dtype=DT)
+            weight = torch.randn(state[key].shape, generator=gen, dtype=DT).to(o.device)
             loss = loss + (state[key] * weight).sum()
     return loss
 
@@ -225,14 +226,18 @@ def assert_output_gradients_close(o: torch.Tensor, expected: torch.Tensor, case:
 @pytest.mark.parametrize(
     "momentum, retention, ema", [(True, True, False), (True, True, True), (False, False, False)]
 )
-def test_chunk_matches_reference(skip, target, read, objective, momentum, retention, ema):
+@pytest.mark.parametrize("device", device_params())
+def test_chunk_matches_reference(skip, target, read, objective, momentum, retention, ema, device):
+    # The reference on the CPU; the chunk form on `device` (CUDA: float64 kernels).
     case = make_case(
         1, skip=skip, target=target, momentum=momentum, retention=retention, with_state=True
     )
     options = dict(skip=skip, target=target, read=read, objective=objective, chunk_size=3)
     options["ema_momentum"] = ema
+    moved = Case(**on_device(vars(case), device))
     assert_runs_close(
-        run(dgd_mlp_memory_chunk, case, **options), run(dgd_mlp_memory_reference, case, **options)
+        on_device(run(dgd_mlp_memory_chunk, moved, **options), "cpu"),
+        run(dgd_mlp_memory_reference, case, **options),
     )
 
 

@@ -14,6 +14,7 @@ from nestlearn.memory.matrix.forms import (
     matrix_memory_reference,
     matrix_memory_step,
 )
+from tests.conftest import device_params, on_device
 
 # (objective, decay): linear attention, gated linear attention, DeltaNet, Gated DeltaNet.
 CASES = [("dot", False), ("dot", True), ("l2", False), ("l2", True)]
@@ -51,7 +52,7 @@ def loss_and_grads(o, state, inputs, seed=1):
     gen = torch.Generator().manual_seed(seed)
     # drawn in float64 and cast, so that float32 and float64 runs weigh the same loss
     w_o, w_state = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (o, state))
-    loss = (o * w_o.to(o.dtype)).sum() + (state * w_state.to(o.dtype)).sum()
+    loss = (o * w_o.to(o)).sum() + (state * w_state.to(o)).sum()
     leaves = {n: x for n, x in inputs.items() if x is not None}
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return {"o": o.detach(), "state": state.detach(), **dict(zip(leaves, grads, strict=True))}
@@ -124,13 +125,16 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}T{}Dk{}Dv{}C{}".format(*s))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_chunk_equals_reference_on_edge_shapes(case, shape):
+@pytest.mark.parametrize("device", device_params())
+def test_chunk_equals_reference_on_edge_shapes(case, shape, device):
+    # The reference on the CPU; the chunk and step forms on `device` (CUDA: float64 kernels).
     objective, decay = case
     B, H, T, Dk, Dv, C = shape
     inputs = make_inputs(B, H, T, Dk, Dv, objective, decay)
     expected = run_reference(inputs, objective)
-    assert_same(run_chunk(inputs, objective, C), expected)
-    assert_same(run_steps(inputs, objective), expected)
+    moved = on_device(inputs, device)
+    assert_same(on_device(run_chunk(moved, objective, C), "cpu"), expected)
+    assert_same(on_device(run_steps(moved, objective), "cpu"), expected)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

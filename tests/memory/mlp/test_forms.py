@@ -24,6 +24,7 @@ from nestlearn.memory.mlp.forms import (
     mlp_memory_reference,
     mlp_memory_step,
 )
+from tests.conftest import device_params, on_device
 
 DT = torch.float64
 
@@ -97,10 +98,10 @@ def make_case(
 def outer_loss(o: torch.Tensor, state: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """A fixed random linear functional of the outputs and every float entry of the state."""
     gen = torch.Generator().manual_seed(1234)
-    loss = (o * torch.randn(o.shape, generator=gen, dtype=DT)).sum()
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=DT).to(o.device)).sum()
     for key in sorted(state or {}):
         if state[key].is_floating_point():
-            weight = torch.randn(state[key].shape, generator=gen, dtype=DT)
+            weight = torch.randn(state[key].shape, generator=gen, dtype=DT).to(o.device)
             loss = loss + (state[key] * weight).sum()
     return loss
 
@@ -201,11 +202,15 @@ def steps(case: Case, state, start: int, **options):
 @pytest.mark.parametrize("retention", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("depth", [1, 2])
-def test_chunk_matches_reference(depth, residual, retention, momentum, objective):
+@pytest.mark.parametrize("device", device_params())
+def test_chunk_matches_reference(depth, residual, retention, momentum, objective, device):
+    # The reference on the CPU; the chunk form on `device` (CUDA: float64 kernels).
     case = make_case(depth, depth=depth, momentum=momentum, retention=retention, with_state=True)
     options = dict(objective=objective, residual=residual, chunk_size=3)
+    moved = Case(**on_device(vars(case), device))
     assert_runs_close(
-        run(mlp_memory_chunk, case, **options), run(mlp_memory_reference, case, **options)
+        on_device(run(mlp_memory_chunk, moved, **options), "cpu"),
+        run(mlp_memory_reference, case, **options),
     )
 
 
