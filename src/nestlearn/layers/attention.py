@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestlearn.layers.rope import apply_rope
+from nestlearn.layers.rope import apply_rope, rotate_half
 
 
 class CausalSelfAttention(nn.Module):
@@ -43,6 +43,7 @@ class CausalSelfAttention(nn.Module):
         sin: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         pos: int = 0,
+        lead: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend ``x [B, T, dim]`` causally; returns ``[B, T, dim]``.
 
@@ -51,7 +52,14 @@ class CausalSelfAttention(nn.Module):
         ``[B, H_kv, L, D]``, ``x`` holds positions ``pos .. pos+T-1``: their keys/values are
         written into the cache *in place* at those positions, and the queries attend over cache
         positions ``0 .. pos+T-1``.
+
+        ``lead [B]`` (left padding, :mod:`nestlearn.models.padding`): row ``b``'s positions
+        ``< lead[b]`` are pads. Its queries never read them, and RoPE rotates position ``s`` as
+        ``s - lead[b]``, so the real tokens see exactly what they would unpadded (a pad query
+        reads itself only, to stay finite).
         """
+        if lead is not None:
+            return self._forward_padded(x, cos, sin, cache, pos, lead)
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
@@ -84,6 +92,48 @@ class CausalSelfAttention(nn.Module):
             mask = key_pos[None, :] <= query_pos[:, None]  # [T, pos+T]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H·D]
+        return self.out(y)
+
+    def _forward_padded(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        pos: int,
+        lead: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`forward` with per-row left padding ``lead [B]`` (see there)."""
+        B, T, _ = x.shape
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
+        v = v.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
+        end = pos + T
+        query_pos = torch.arange(pos, end, device=x.device)  # [T]
+        if cos is not None:
+            rows = (query_pos[None, :] - lead[:, None]).clamp(min=0)  # [B, T] RoPE positions
+            cos_b = cos[rows].to(q.dtype)[:, None]  # [B, 1, T, D]
+            sin_b = sin[rows].to(q.dtype)[:, None]
+            q = q * cos_b + rotate_half(q) * sin_b
+            k = k * cos_b + rotate_half(k) * sin_b
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, pos:end] = k
+            v_cache[:, :, pos:end] = v
+            k = k_cache[:, :, :end].to(q.dtype)  # [B, H_kv, pos+T, D]
+            v = v_cache[:, :, :end].to(q.dtype)
+        if H_kv != H:
+            k = k.repeat_interleave(H // H_kv, dim=1)
+            v = v.repeat_interleave(H // H_kv, dim=1)
+        key_pos = torch.arange(end, device=x.device)  # [S]
+        causal = key_pos[None, :] <= query_pos[:, None]  # [T, S]
+        real_key = key_pos[None, :] >= lead[:, None]  # [B, S]
+        itself = key_pos[None, :] == query_pos[:, None]  # [T, S]
+        mask = causal[None] & (real_key[:, None, :] | itself[None])  # [B, T, S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.out(y)
 
     def inner_levels(self) -> list:

@@ -94,12 +94,22 @@ class MatrixMemoryMixer(nn.Module):
         return state
 
     def forward(
-        self, x: torch.Tensor, state: State | None = None
+        self, x: torch.Tensor, state: State | None = None, real: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, State | None]:
-        """Mix ``x [B, T, d]``; with a state, continue from it and return the new one."""
+        """Mix ``x [B, T, d]``; with a state, continue from it and return the new one.
+
+        ``real [B, T]`` (bool, False at left pads, :mod:`nestlearn.models.padding`): a pad's
+        input is zeroed, so its q, k, v and short-conv inputs are 0 (``k = 0``: no write, for
+        every variant), and its retention is ``log α = 0`` (no decay). Rows padded before their
+        first token, from a fresh state, then read exactly what they would unpadded.
+        """
+        if real is not None:
+            x = x.masked_fill(~real[..., None], 0.0)
         # The read scale rides on q's normalization (SPEC §2.2); the op then reads with scale 1.
         q, k, v, conv_state = self.heads.qkv(x, state, q_scale=self.scale)
         log_alpha = self.decay(x) if self.decay is not None else None
+        if log_alpha is not None and real is not None:
+            log_alpha = log_alpha.masked_fill(~real[:, None, :], 0.0)  # [B, H, T]
         beta = (
             torch.sigmoid(self.beta_proj(x)).transpose(1, 2) if self.beta_proj is not None else None
         )

@@ -28,12 +28,19 @@ class LanguageModel(nn.Module, ABC):
 
     @abstractmethod
     def forward(
-        self, tokens: torch.Tensor, state: State | None = None
+        self,
+        tokens: torch.Tensor,
+        state: State | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State | None]:
         """Logits for every position; with a ``state``, continue from it and return the new one.
 
         ``state=None`` is the training form (whole sequences, no cache); it returns
-        ``(logits, None)``.
+        ``(logits, None)``. ``attention_mask [B, T]`` (1 = real token, 0 = padding; left or right
+        padding, no holes): each row's logits at real positions and its state equal those of its
+        real tokens run alone (:mod:`nestlearn.models.padding`, docs/padding.md); no mask or an
+        all-ones mask runs exactly the unpadded code.
         """
 
     @abstractmethod

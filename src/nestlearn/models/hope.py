@@ -43,6 +43,7 @@ from nestlearn.models.finite import (
     inner_lr_fixes,
     sequential_reference,
 )
+from nestlearn.models.padding import forward_padded
 from nestlearn.models.registry import register_model
 from nestlearn.models.transformer import default_mlp_hidden
 
@@ -59,6 +60,8 @@ class CMSFields:
     cms_objective: str = "teach"  # error source: "teach" or "local" (docs/cms.md)
     cms_optimizer: str = "gd"  # inner optimizer: "gd", "momentum" or "dgd"
     cms_momentum: float = 0.9  # μ of the "momentum" inner optimizer
+    cms_step: str = "normalized"  # inner step: "normalized" (η/(1+E), ours) or "plain" (NL-31's
+    # summed step at rate η: the paper's, cms_lrs on the paper's scale; docs/cms.md)
     cms_detach_inner: bool = False  # stop-gradient through the inner error terms
     cms_mode: str = "chunk"  # "chunk" (training form) or "reference" (token loop, for checks)
     cms_mlp: str = "swiglu"  # level block: "swiglu" (Llama) or "gelu_tanh" (GPT-2, ungated)
@@ -210,6 +213,7 @@ class HopeLM(LanguageModel):
             mlp=config.cms_mlp,
             bias=config.cms_bias,
             norm=config.norm,
+            step=config.cms_step,
         )
 
     def mixer_outputs(self, mixer: nn.Module) -> list[nn.Linear]:
@@ -245,8 +249,22 @@ class HopeLM(LanguageModel):
         return state
 
     def forward(
+        self,
+        tokens: torch.Tensor,
+        state: State | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State | None]:
+        """Logits ``[B, T, vocab]``. A padded ``attention_mask`` runs each row's real tokens from
+        position 0 (:func:`~nestlearn.models.padding.forward_padded`: aligned in one batch
+        without a state, row by row with one), so the CMS levels and chunked memories keep
+        their chunk boundaries where the unpadded row has them."""
+        return forward_padded(self, self.forward_unpadded, tokens, state, attention_mask)
+
+    def forward_unpadded(
         self, tokens: torch.Tensor, state: State | None = None
     ) -> tuple[torch.Tensor, State | None]:
+        """Every token real: the batched form."""
         pos = 0 if state is None else int(state["pos"])
         check_tokens(tokens, self.config.vocab_size, self.context_limit, pos, state is not None)
         x = self.embed_inputs(tokens, pos)  # [B, T, d_model]
@@ -426,6 +444,7 @@ def validate_hope(cfg: ModelConfig) -> None:
             cfg.cms_momentum,
             cfg.cms_mode,
             prefix="model.cms_",
+            step=cfg.cms_step,
         )
         check_block_options(cfg.cms_mlp, "rms", prefix="model.cms_")
         check_block_options("swiglu", cfg.norm, prefix="model.")

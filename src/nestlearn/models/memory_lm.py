@@ -28,6 +28,14 @@ from nestlearn.models.finite import (
     inner_lr_fixes,
     sequential_reference,
 )
+from nestlearn.models.padding import (
+    PAD_KEY,
+    Padding,
+    forward_padded,
+    padding_of,
+    state_pad,
+    zero_pads,
+)
 from nestlearn.models.registry import register_model
 from nestlearn.models.transformer import default_mlp_hidden
 
@@ -83,10 +91,10 @@ class MemoryBlock(nn.Module):
         self.check_finite: FiniteCheck | None = None  # the mixer's check, when on
 
     def forward(
-        self, x: torch.Tensor, state: State | None, start: int = 0
+        self, x: torch.Tensor, state: State | None, start: int = 0, real: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, State | None]:
         h = self.mixer_norm(x)
-        y, new_state = self.mixer(h, state)
+        y, new_state = self.mixer(h, state) if real is None else self.mixer(h, state, real)
         if self.check_finite is not None:
             # the sequential form locates the token: chunkwise forms spread a NaN in its chunk
             reference = sequential_reference(self.mixer, state)
@@ -148,14 +156,28 @@ class MemoryLM(LanguageModel):
         return state
 
     def forward(
-        self, tokens: torch.Tensor, state: State | None = None
+        self,
+        tokens: torch.Tensor,
+        state: State | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State | None]:
+        """Logits ``[B, T, vocab]``. A padded ``attention_mask`` runs each row's real tokens from
+        position 0 (:func:`~nestlearn.models.padding.forward_padded`: aligned in one batch
+        without a state, row by row with one), so chunk boundaries fall as unpadded."""
+        return forward_padded(self, self.forward_unpadded, tokens, state, attention_mask)
+
+    def forward_unpadded(
+        self, tokens: torch.Tensor, state: State | None = None, real: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State | None]:
+        """The batched form; ``real [B, T]`` (bool) marks the real tokens for mixers that mask
+        pads themselves (matrix memories), None: every token is real."""
         check_tokens(tokens, self.config.vocab_size, None)
         x = self.embed(tokens)  # [B, T, d_model]
         new_state: State | None = None if state is None else {"pos": state["pos"] + tokens.shape[1]}
         start = 0 if state is None or not self.config.check_finite else int(state["pos"])
         for i, block in enumerate(self.blocks):
-            x, sub = block(x, block_state(state, i), start)
+            x, sub = block(x, block_state(state, i), start, real)
             if new_state is not None:
                 new_state.update({f"blocks.{i}.{k}": v for k, v in sub.items()})
         return self.head(self.norm(x)), new_state
@@ -188,6 +210,53 @@ def _validate(cfg: MemoryLMConfig) -> None:
 
 class MatrixMemoryLM(MemoryLM):
     """Linear attention, GLA, DeltaNet or Gated DeltaNet, by ``config.name``."""
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        state: State | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State | None]:
+        """Logits ``[B, T, vocab]``. Padding runs batched where it is exact: pads before a row's
+        first token (from a fresh row) neither write nor decay the memory
+        (:meth:`MatrixMemoryMixer.forward`), and the chunkwise form is exact wherever its chunk
+        boundaries fall. Right padding with a state (the short convs would keep the pads) and
+        ``check_finite`` take the row-wise fallback (:mod:`nestlearn.models.padding`)."""
+        B, T = tokens.shape
+        tokens = zero_pads(tokens, attention_mask)
+        padding = padding_of(attention_mask, tokens)
+        pad = state_pad(state, B)
+        if (padding is None and pad is None) or not self._batches(tokens, padding, state, pad):
+            return super().forward(tokens, state, attention_mask=attention_mask)
+        real = None
+        if padding is not None and (state is not None or padding.has_left()):
+            real = attention_mask.to(tokens.device).bool()
+        logits, new_state = self.forward_unpadded(tokens, state, real)
+        if new_state is not None:
+            before = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
+            new_state[PAD_KEY] = before if padding is None else before + (T - padding.real)
+        return logits, new_state
+
+    def _batches(
+        self,
+        tokens: torch.Tensor,
+        padding: Padding | None,
+        state: State | None,
+        pad: torch.Tensor | None,
+    ) -> bool:
+        """Whether a padded call is exact batched (else the row-wise fallback runs): no
+        ``check_finite`` (its sequential reference reads every token) and, with a state, no right
+        padding and left pads only in rows without real tokens yet (the short convs' state then
+        holds zeros, as a fresh one)."""
+        if self.config.check_finite:
+            return False
+        if padding is None or state is None:
+            return True
+        if padding.has_right(tokens.shape[1]):
+            return False
+        seen = state["pos"] - (0 if pad is None else pad)  # real tokens per row so far
+        return not bool(((seen > 0) & (padding.lead > 0)).any())
 
     def build_mixer(self, config: MemoryLMConfig) -> nn.Module:
         return MatrixMemoryMixer(

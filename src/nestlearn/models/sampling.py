@@ -60,6 +60,7 @@ def generate(
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
     vocab_limit: int | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each new token ``[B]`` as soon as it is sampled (streaming).
 
@@ -73,7 +74,9 @@ def generate(
     at most ``limit - T + 1`` tokens come out. A prompt longer than the limit raises
     :class:`~nestlearn.errors.SequenceTooLongError`. ``vocab_limit``: only ids below it are
     sampled (a model whose head is wider than its tokenizer, e.g. a converted or padded
-    vocabulary, never emits an id the tokenizer cannot decode).
+    vocabulary, never emits an id the tokenizer cannot decode). ``attention_mask [B, T]``: prompts
+    of different lengths, left-padded with zeros (:mod:`nestlearn.models.padding`); each row
+    continues exactly as its prompt would alone (in the context limit, ``T`` counts the pads).
     """
     device = next(model.parameters()).device
     tokens = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
@@ -89,7 +92,13 @@ def generate(
 
     limit = model.context_limit
     state = model.init_state(B, device)
-    logits, state = model(tokens, state)  # [B, T, V]
+    if attention_mask is None:
+        logits, state = model(tokens, state)  # [B, T, V]
+    else:
+        logits, state = model(tokens, state, attention_mask=attention_mask.to(device))
+        # each row's last real position (right padding ends a row early)
+        last = attention_mask.to(device).long().cumsum(1).argmax(1)  # [B]
+        logits = logits[torch.arange(B, device=device), last][:, None]  # [B, 1, V]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for n in range(max_new_tokens):
         last = logits[:, -1, :vocab_limit]  # [B, V'] (V' = V when vocab_limit is None)

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from nestlearn.config.schema import ModelConfig
-from nestlearn.errors import ConfigError
+from nestlearn.errors import ConfigError, DataError
 from nestlearn.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.models.common import check_tokens, init_decoder_weights
 from nestlearn.models.finite import FiniteCheck, check_memory_finite
+from nestlearn.models.padding import PAD_KEY, padding_of, state_pad, zero_pads
 from nestlearn.models.registry import register_model
 
 
@@ -55,9 +56,10 @@ class Block(nn.Module):
         sin: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         pos: int = 0,
+        lead: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.attn_norm(x)
-        y = self.attn(h, cos, sin, cache, pos)
+        y = self.attn(h, cos, sin, cache, pos, lead)
         if self.checks is not None:
             check_memory_finite(self.checks[0], h, y, None, pos)
         x = x + y
@@ -114,7 +116,11 @@ class Transformer(LanguageModel):
         init_decoder_weights(self, self.config.init_std, self.config.n_layers, outputs)
 
     def forward(
-        self, tokens: torch.Tensor, state: State | None = None
+        self,
+        tokens: torch.Tensor,
+        state: State | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State | None]:
         """Logits ``[B, T, vocab]`` for ``tokens [B, T]``; with a state, continue from it.
 
@@ -122,22 +128,62 @@ class Transformer(LanguageModel):
         which the returned state shares; the input dict itself is not modified (its ``"pos"``
         keeps the old value). Continuing twice from the same state (branching) overwrites the
         shared cache, so clone a state first to keep it (``{k: v.clone() for k, v in ...}``).
+
+        ``attention_mask [B, T]`` with left padding runs batched: pad keys are masked and RoPE
+        counts positions from each row's first real token; the state records each row's pads
+        (``state["pad"]``, :mod:`nestlearn.models.padding`) so decoding continues as unpadded.
+        Right padding needs no mask without a state; with one it is refused (the pads would sit
+        between the prompt and the next tokens).
         """
         pos = 0 if state is None else int(state["pos"])
+        tokens = zero_pads(tokens, attention_mask)
         check_tokens(
             tokens, self.config.vocab_size, self.config.max_seq_len, pos, state is not None
         )
         T = tokens.shape[1]
+        lead = self._lead(tokens, state, pos, attention_mask)
 
         x = self.embed(tokens)  # [B, T, d_model]
         for i, block in enumerate(self.blocks):
             cache = None if state is None else (state[f"k.{i}"], state[f"v.{i}"])
-            x = block(x, self.rope_cos, self.rope_sin, cache, pos)
+            x = block(x, self.rope_cos, self.rope_sin, cache, pos, lead)
         logits = self.head(self.norm(x))  # [B, T, vocab]
 
         if state is None:
             return logits, None
-        return logits, {**state, "pos": state["pos"] + T}
+        new_state = {**state, "pos": state["pos"] + T}
+        if lead is not None:
+            new_state[PAD_KEY] = lead
+        return logits, new_state
+
+    def _lead(
+        self,
+        tokens: torch.Tensor,
+        state: State | None,
+        pos: int,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Each row's left pads from the stream's start (``[B]``), or None when no row has any
+        (the unpadded code runs). Pads are allowed only before a row's first real token."""
+        padding = padding_of(attention_mask, tokens)
+        before = state_pad(state, tokens.shape[0])
+        if padding is None or (state is None and not padding.has_left()):
+            return before
+        if state is not None and padding.has_right(tokens.shape[1]):
+            raise DataError(
+                "attention_mask has right padding (zeros after real tokens) in a call with a "
+                "decoding state: the pads would sit between these tokens and the next ones. "
+                "Left-pad prompts for generation (tokenizer.padding_side='left')"
+            )
+        if before is None:
+            before = torch.zeros_like(padding.lead)
+        started = (pos - before) > 0  # rows that already hold real tokens
+        if bool((started & (padding.lead > 0)).any()):
+            raise DataError(
+                "attention_mask has pads after real tokens of the state (a hole in the row): "
+                "only the start of a sequence may be padded"
+            )
+        return before + padding.lead
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """An empty KV cache (zeros) for ``batch_size`` sequences, in the parameters' dtype."""
