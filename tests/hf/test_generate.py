@@ -41,10 +41,10 @@ def test_forward_continues_from_the_returned_cache(name):
     hf = to_hf(model)
     tokens = torch.randint(0, VOCAB, (2, 11))
     first = hf(tokens[:, :6], use_cache=True)
-    assert isinstance(first.past_key_values, NestlearnCache)
-    assert first.past_key_values.get_seq_length() == 6
-    second = hf(tokens[:, 6:], past_key_values=first.past_key_values)
-    assert second.past_key_values.get_seq_length() == 11
+    assert isinstance(first.cache, NestlearnCache)
+    assert first.cache.get_seq_length() == 6
+    second = hf(tokens[:, 6:], cache=first.cache)
+    assert second.cache.get_seq_length() == 11
     full, _ = model(tokens)
     joined = torch.cat([first.logits, second.logits], dim=1)
     torch.testing.assert_close(joined, full, rtol=1e-9, atol=1e-9)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from nestlearn.errors import CheckpointError, ConfigError
+from nestlearn.errors import CheckpointError, ConfigError, DataError
 from nestlearn.hf import (
     NestlearnCache,
     NestlearnConfig,
@@ -107,8 +107,8 @@ def test_bad_inputs_are_named():
     hf = to_hf(tiny_model("gla"))
     tokens = torch.randint(0, VOCAB, (2, 5))
     mask = torch.ones_like(tokens)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padding"):
+    mask[0, 2] = 0
+    with pytest.raises(DataError, match="hole"):
         hf(tokens, attention_mask=mask)
     with pytest.raises(ValueError, match="inputs_embeds"):
         hf(tokens, inputs_embeds=torch.zeros(2, 5, 16))

@@ -1,4 +1,4 @@
-"""``nestlearn``: train, eval, generate, info, demo, bench, experiment, report, convert.
+"""``nestlearn``: train, eval, generate, info, demo, bench, experiment, report, convert, export.
 
 Every command takes an optional named config (or YAML path) and ``section.key=value`` overrides.
 User errors (:class:`~nestlearn.errors.NestlearnError`) print one line and exit with status 2;
@@ -21,6 +21,7 @@ from nestlearn.cli import (
     demo,
     evaluate,
     experiment,
+    export,
     generate,
     info,
     report,
@@ -38,6 +39,7 @@ COMMANDS = {
     "experiment": experiment,
     "report": report,
     "convert": convert,
+    "export": export,
 }
 
 

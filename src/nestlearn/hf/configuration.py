@@ -49,6 +49,11 @@ class NestlearnConfig(PretrainedConfig):
         """Wrap a nestlearn :class:`~nestlearn.config.schema.ModelConfig` (any architecture)."""
         return cls(nestlearn=dataclasses.asdict(config), **kwargs)
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """Nothing: a saved nestlearn folder carries its own remote code
+        (:mod:`nestlearn.hf.remote_code`), not a copy of this file."""
+
     def to_model_config(self) -> ModelConfig:
         """The nestlearn model config, validated against its architecture's config class.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from nestlearn.data.tokenizer import EOS, BPETokenizer, ByteTokenizer, Tokenizer
 from nestlearn.hf.configuration import NestlearnConfig
 from nestlearn.hf.modeling import NestlearnForCausalLM
@@ -34,21 +36,29 @@ def from_hf(hf_model: NestlearnForCausalLM) -> LanguageModel:
 def hf_tokenizer(tokenizer: Tokenizer):
     """A ``transformers`` fast tokenizer giving the same ids as ``tokenizer``.
 
-    BPE: the same `tokenizers` JSON. Bytes: an equivalent byte-level BPE without merges, whose
-    vocabulary maps the character GPT-2's byte-level pre-tokenizer uses for byte ``b`` to id
-    ``b``, plus ``<|endoftext|>`` = 256. One difference: the ``transformers`` tokenizer turns
-    the literal text ``<|endoftext|>`` into the eos id, where nestlearn encodes it as text.
-    """
+    BPE (trained by nestlearn, or a pretrained model's own kept by ``nestlearn convert``): the
+    same `tokenizers` JSON, eos its end-of-text token. Bytes: an equivalent byte-level BPE
+    without merges, whose vocabulary maps the character GPT-2's byte-level pre-tokenizer uses
+    for byte ``b`` to id ``b``, plus ``<|endoftext|>`` = 256. One difference: the
+    ``transformers`` tokenizer turns the literal text of a special token (``<|endoftext|>``)
+    into its id, where nestlearn encodes it as text; and it applies the JSON's template (a
+    pretrained tokenizer's BOS) unless called with ``add_special_tokens=False``."""
     from tokenizers import Tokenizer as RustTokenizer
     from transformers import PreTrainedTokenizerFast
 
-    if isinstance(tokenizer, BPETokenizer):
-        rust = RustTokenizer.from_str(tokenizer.to_json())
-    elif isinstance(tokenizer, ByteTokenizer):
+    if isinstance(tokenizer, ByteTokenizer):
         rust = _byte_level_tokenizer()
+    elif isinstance(tokenizer, BPETokenizer) or kind_of(tokenizer) == "bpe":
+        rust = RustTokenizer.from_str(tokenizer.to_json())
     else:
         raise ValueError(f"no transformers equivalent for a {type(tokenizer).__name__}")
-    return PreTrainedTokenizerFast(tokenizer_object=rust, eos_token=EOS, pad_token=EOS)
+    eos = getattr(tokenizer, "eos_token", EOS)
+    return PreTrainedTokenizerFast(tokenizer_object=rust, eos_token=eos, pad_token=eos)
+
+
+def kind_of(tokenizer: object) -> str | None:
+    """``data.tokenizer`` kind of a nestlearn tokenizer (``bpe``: a `tokenizers` JSON)."""
+    return getattr(tokenizer, "kind", None) if isinstance(tokenizer, Tokenizer) else None
 
 
 def _byte_level_tokenizer():
@@ -75,13 +85,19 @@ def _byte_chars() -> list[str]:
     return [chr(byte) if chr(byte) in alphabet else next(shifted) for byte in range(256)]
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None
+) -> Path:
     """Save a training checkpoint (a run folder or ``checkpoints/step_*``) as a Hugging Face
-    folder: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
-    tokenizer files. Returns ``out_dir``."""
+    folder that loads in any process with nestlearn installed (``trust_remote_code=True``):
+    ``config.json`` (with ``auto_map``), ``generation_config.json``, ``model.safetensors``
+    (in ``dtype``, default as trained), ``modeling_nestlearn.py`` and the tokenizer files.
+    Returns ``out_dir``."""
     from nestlearn.train.checkpoint import load_model
 
     model, loaded = load_model(Path(checkpoint))
+    if dtype is not None:
+        model = model.to(dtype)
     out = Path(out_dir)
     to_hf(model, eos_id=loaded.tokenizer.eos_id).save_pretrained(out)
     hf_tokenizer(loaded.tokenizer).save_pretrained(out)

@@ -6,16 +6,22 @@ The wrapper holds the nestlearn model as ``self.model`` (weights ``model.*`` in
 ``save_pretrained`` / ``from_pretrained`` (safetensors; a tied head is stored once) and
 ``generate()``.
 
-The cache of ``generate()`` is the model's own decoding state (SPEC §2.3, recurrent form), the
-``dict[str, Tensor]`` of :meth:`~nestlearn.models.base.LanguageModel.init_state` wrapped in a
-:class:`NestlearnCache`: a KV cache for the Transformer, memory weights and short-conv windows for
-the memory models. The model is *stateful* in the ``transformers`` sense: its cache cannot be
-cropped or rolled back, so assisted (speculative) decoding is refused, while greedy, sampling and
-beam search work (beams reorder the state's batch rows).
+The cache of ``generate()`` is the model's own decoding state (SPEC §2.3, recurrent form) in a
+:class:`~nestlearn.hf.cache.NestlearnCache`, a ``transformers`` ``Cache``: greedy, sampling, beam
+search and assisted decoding work (beams reorder the state's rows; a rollback re-reads the kept
+tokens). The interface follows ``transformers`` 5's own causal LMs (Llama): the cache argument and
+output field are ``cache`` (``past_key_values`` is accepted with ``transformers``' deprecation
+warning), ``output_hidden_states`` returns ``n_layers + 1`` states
+(:mod:`nestlearn.hf.hidden_states`) and ``resize_token_embeddings`` resizes the embedding and
+head, tied or not. See docs/huggingface.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -25,38 +31,15 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from nestlearn.hf.cache import NestlearnCache
 from nestlearn.hf.configuration import NestlearnConfig
-from nestlearn.models.base import LanguageModel, State
+from nestlearn.hf.hidden_states import hidden_states, recording_blocks
+from nestlearn.models.base import LanguageModel
 
-
-class NestlearnCache:
-    """A nestlearn decoding state as a ``generate()`` cache.
-
-    ``state["pos"]`` (0-d) counts the tokens seen; every other tensor of rank >= 1 has the batch
-    as its first dimension (the :class:`~nestlearn.models.base.LanguageModel` state contract).
-    """
-
-    is_compileable = False  # generate() must not auto-compile around it
-    is_croppable = False  # a recurrent memory cannot forget its last tokens
-
-    def __init__(self, state: State) -> None:
-        if "pos" not in state:
-            raise ValueError("a nestlearn state has a 'pos' entry; make one with model.init_state")
-        self.state = state
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens already read into the state."""
-        return int(self.state["pos"])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Keep batch rows ``beam_idx`` (beam search), in place."""
-        self.state = {
-            key: value if value.ndim == 0 else value.index_select(0, beam_idx.to(value.device))
-            for key, value in self.state.items()
-        }
-
-    def __repr__(self) -> str:
-        return f"NestlearnCache(pos={self.get_seq_length()}, tensors={len(self.state)})"
+# transformers >= 5.x names the cache ``cache``; earlier 5.x releases ``past_key_values``.
+_CACHE_FIELD = (
+    "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
 
 
 class NestlearnPreTrainedModel(PreTrainedModel):
@@ -72,7 +55,6 @@ class NestlearnPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
-    _is_stateful = True
 
     @classmethod
     def get_init_context(cls, *args: Any, **kwargs: Any) -> list:
@@ -107,12 +89,15 @@ class NestlearnPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         """``transformers``' loader, except that a missing, unexpected or mis-shaped weight is
-        an error.
+        an error; a nestlearn run folder or ``checkpoints/step_*`` folder loads directly.
 
         (The generic loader would leave such a weight uninitialized and only warn.)
         """
         from nestlearn.errors import CheckpointError
+        from nestlearn.hf.run_folder import from_run_folder, is_run_folder
 
+        if args and is_run_folder(args[0]):
+            return from_run_folder(cls, args[0], **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         bad = [
@@ -129,6 +114,24 @@ class NestlearnPreTrainedModel(PreTrainedModel):
         # The loader leaves non-persistent buffers uninitialized (they are not in the file).
         model._restore_buffers()
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
+        """``transformers``' save, plus the remote code (:mod:`nestlearn.hf.remote_code`):
+        ``modeling_nestlearn.py`` and ``config.auto_map``, so that the folder loads with
+        ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` in any process
+        where nestlearn is installed."""
+        from nestlearn.hf.remote_code import AUTO_MAP, write_remote_code
+
+        self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+        return result
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModel") -> None:
+        """Nothing: ``transformers`` calls this after loading remote code, to copy the class's
+        source file on the next save; nestlearn folders carry their own small module instead
+        (:meth:`save_pretrained`)."""
 
 
 class NestlearnForCausalLM(NestlearnPreTrainedModel, GenerationMixin):
@@ -159,62 +162,139 @@ class NestlearnForCausalLM(NestlearnPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.model.head
 
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.head = value
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """``transformers``' resize (embedding rows and head outputs added or removed at the
+        end, the head re-tied to the embedding when ``tie_embeddings``), then the nestlearn
+        config (``config.nestlearn``, ``model.config``) takes the new ``vocab_size``, so
+        ``save_pretrained`` / ``from_pretrained`` rebuild the resized model."""
+        embeddings = super().resize_token_embeddings(
+            new_num_tokens, pad_to_multiple_of, mean_resizing
+        )
+        vocab_size = int(embeddings.weight.shape[0])
+        self.config.nestlearn["vocab_size"] = vocab_size
+        self.model.config = dataclasses.replace(self.model.config, vocab_size=vocab_size)
+        return embeddings
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kw):
+        """``generate()``'s cache: an empty :class:`NestlearnCache` that the first forward fills
+        (a user's cache is kept). Assisted decoding needs it before the first forward."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kw)
+        if model_kwargs.get(_CACHE_FIELD) is None and generation_config.use_cache is not False:
+            model_kwargs[_CACHE_FIELD] = NestlearnCache()
+            if getattr(generation_config, "is_assistant", False):
+                model_kwargs[_CACHE_FIELD].activate_past_recording()
+
+    def _reread(self, tokens: torch.Tensor, state):
+        """The model over ``tokens`` from ``state``, no padding (a rollback's re-read)."""
+        return self.model(tokens, state)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: NestlearnCache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
-        """Logits ``[B, T, vocab]`` for ``input_ids [B, T]``, continuing ``past_key_values``.
+        """Logits ``[B, T, vocab]`` for ``input_ids [B, T]``, continuing ``cache``.
 
-        ``use_cache`` (default: whether a cache was given) returns the state after the last
-        token as ``past_key_values``. ``labels [B, T]`` (``-100`` = ignored) give the loss
+        A given ``cache`` is continued and updated in place; ``use_cache`` (default: whether a
+        cache was given) returns it, or a new :class:`NestlearnCache` holding the state after
+        the last token.
+        ``output_hidden_states`` adds the ``n_layers + 1`` states ``[B, T, d_model]`` of
+        :mod:`nestlearn.hf.hidden_states`. ``labels [B, T]`` (``-100`` = ignored) give the loss
         ``mean_t CE(logits[:, t], labels[:, t + 1])``, shifted inside as in ``transformers``;
         with ``num_items_in_batch`` the sum is divided by it instead (gradient accumulation).
-        ``attention_mask`` must be all ones: padding is not supported (a recurrent memory would
-        read the pad tokens).
+        ``attention_mask`` (``[B, T]``, or ``[B, past + T]`` as ``generate()`` passes it: its last
+        ``T`` columns apply) marks padding with zeros, left or right, no holes: each row's logits
+        at real positions and its cache equal those of the row run alone unpadded
+        (:mod:`nestlearn.models.padding`, docs/padding.md).
         """
         if inputs_embeds is not None:
             raise ValueError("inputs_embeds is not supported by nestlearn models; pass input_ids")
         if input_ids is None:
             raise ValueError("input_ids is required: token ids [batch, seq_len]")
-        if attention_mask is not None and not bool((attention_mask != 0).all()):
-            raise ValueError(
-                "attention_mask has zeros: nestlearn models do not support padding (a recurrent "
-                "memory would read the pad tokens); batch sequences of equal length instead"
-            )
-        if isinstance(past_key_values, Cache):
-            # An empty transformers cache (generate() of another version may create one) means
-            # "start fresh"; a filled one cannot hold a nestlearn state.
-            if past_key_values.get_seq_length() > 0:
-                raise ValueError(
-                    f"past_key_values is a {type(past_key_values).__name__}; nestlearn models "
-                    "continue from a NestlearnCache (returned by a forward with use_cache=True)"
-                )
-            past_key_values = None
+        if attention_mask is not None:
+            # generate() passes the mask of the whole stream; this call's tokens are its end.
+            attention_mask = attention_mask[:, -input_ids.shape[1] :]
+        cache = _nestlearn_cache(cache, kwargs.pop("past_key_values", None))
         if use_cache is None:
-            use_cache = past_key_values is not None
+            use_cache = cache is not None
+        if use_cache and cache is None:
+            cache = NestlearnCache()
+        if output_attentions:
+            raise ValueError(
+                "output_attentions is not supported: most nestlearn models have no attention "
+                "weights; use output_hidden_states"
+            )
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
 
         state = None
-        if past_key_values is not None:
-            state = past_key_values.state
-        elif use_cache:
-            state = self.model.init_state(input_ids.shape[0], input_ids.device)
-        logits, state = self.model(input_ids, state)
-        cache = NestlearnCache(state) if use_cache else None
+        if cache is not None:
+            state = cache.begin(input_ids, self._reread, self.model.init_state)
+        with recording_blocks(self.model) if output_hidden_states else nullcontext() as passes:
+            logits, state = self.model(input_ids, state, attention_mask=attention_mask)
+        if cache is not None:
+            cache.advance(input_ids, state)
+        states = None
+        if output_hidden_states:
+            states = hidden_states(self.model, passes, input_ids, attention_mask)
 
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=states,
+            **{_CACHE_FIELD: cache if use_cache else None},
+        )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
+
+
+def _nestlearn_cache(cache: Cache | None, legacy: Cache | None) -> NestlearnCache | None:
+    """The forward's cache argument as a :class:`NestlearnCache` (or None).
+
+    ``legacy`` is ``past_key_values``, the pre-``cache`` name: accepted, with ``transformers``'
+    own deprecation warning where ``transformers`` has renamed it. An empty ``transformers``
+    cache (a ``DynamicCache`` made by another ``generate()``) means "start fresh"; a filled one
+    cannot hold a nestlearn state.
+    """
+    if legacy is not None:
+        if cache is not None:
+            raise ValueError("pass the cache once, as cache= (past_key_values is its old name)")
+        if _CACHE_FIELD == "cache":
+            warnings.warn(
+                "`past_key_values` is deprecated, use `cache` instead (as in transformers' "
+                "own models)",
+                FutureWarning,
+                stacklevel=3,
+            )
+        cache = legacy
+    if cache is None or isinstance(cache, NestlearnCache):
+        return cache
+    if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+        return NestlearnCache()
+    raise ValueError(
+        f"cache is a {type(cache).__name__}; nestlearn models continue from a NestlearnCache "
+        "(returned by a forward with use_cache=True, or NestlearnCache() to start one)"
+    )
 
 
 def _aliases(module: nn.Module, prefix: str = "") -> dict[str, str]:
