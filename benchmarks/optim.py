@@ -5,7 +5,8 @@
 Part 1: the debug transformer (``configs/debug.yaml``) on the default corpus, trained by the
 Trainer with the same data, seed, schedule and token budget (``--steps`` × ``--batch-size`` ×
 ``--seq-len``) under every ``optim.name``: AdamW, then each deep optimizer on the matrices with
-AdamW on embeddings, norms and biases, each at its default matrix lr (docs/optimizers.md). Reports
+AdamW on embeddings, norms and biases, each at its default matrix lr (docs/optimizers.md);
+``dmgd_paper`` is ``dmgd`` with ``optim.dmgd_form=paper`` (SPEC §3's DMGD as printed). Reports
 the final validation loss, train tokens/s and the optimizer's state in bytes; writes
 ``lm_loss.png`` (loss curves) and ``results.json`` to ``--out``.
 
@@ -38,7 +39,16 @@ from nestlearn.train.metrics import read_metrics
 from nestlearn.train.optim import build_optimizer, build_scheduler, matrix_lr
 from nestlearn.train.report import markdown_table, plot_losses
 
-NAMES = list(_CHOICES[("optim", "name")])
+# Bench entries that are another entry with settings changed: label -> (optim.name, optim.* keys).
+# dmgd_paper: SPEC §3's DMGD as printed (value 𝟏, read m(g), retention on every map; issue 15).
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {"dmgd_paper": ("dmgd", {"dmgd_form": "paper"})}
+_BASE = list(_CHOICES[("optim", "name")])
+NAMES = _BASE[: _BASE.index("dmgd") + 1] + list(VARIANTS) + _BASE[_BASE.index("dmgd") + 1 :]
+
+
+def resolve(label: str) -> tuple[str, dict[str, str]]:
+    """A bench label as ``optim.name`` and the ``optim.*`` settings it changes."""
+    return VARIANTS.get(label, (label, {}))
 
 
 def fresh(run_dir: Path) -> Path:
@@ -88,11 +98,13 @@ def language_model(names: list[str], args: argparse.Namespace, out: Path) -> lis
     rows, curves = [], {}
     for name in names:
         run_dir = fresh(out / "lm" / name)
-        cfg = load_config("debug", [*base, f"optim.name={name}", f"train.out_dir={run_dir}"])
+        optim_name, extra = resolve(name)
+        overrides = [f"optim.name={optim_name}", *(f"optim.{k}={v}" for k, v in extra.items())]
+        cfg = load_config("debug", [*base, *overrides, f"train.out_dir={run_dir}"])
         trainer = Trainer(cfg, corpus=corpus)
         result = trainer.fit()
         curves[name] = read_metrics(run_dir / "metrics.jsonl")
-        peak = cfg.optim.lr if name == "adamw" else matrix_lr(cfg.optim)
+        peak = cfg.optim.lr if optim_name == "adamw" else matrix_lr(cfg.optim)
         rows.append(
             {
                 "optimizer": name,
@@ -157,7 +169,10 @@ def train_classifier(name: str, data: tuple, classes: int, steps: int, seed: int
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     model = Mlp(32, classes)
-    cfg = replace(OptimConfig(), name=name, warmup_steps=steps // 20, weight_decay=0.0)
+    optim_name, extra = resolve(name)
+    cfg = replace(
+        OptimConfig(), name=optim_name, warmup_steps=steps // 20, weight_decay=0.0, **extra
+    )
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     g = torch.Generator().manual_seed(seed)

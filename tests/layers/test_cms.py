@@ -275,3 +275,41 @@ def test_teach_without_a_teacher_and_foreign_states_are_refused():
         make_cms(objective="teach")(x, None, toy_teacher(tokens[:, :3]))
     with pytest.raises(ValueError, match="a state from another model"):
         make_cms()(x, {"pos": torch.tensor(0)})
+
+
+@pytest.mark.parametrize(("variant", "objective"), [("sequential", "teach"), ("nested", "local")])
+def test_plain_step_layer_chunk_equals_reference_and_differs_from_normalized(variant, objective):
+    chunk = make_cms(variant, objective, step="plain")
+    reference = make_cms(variant, objective, step="plain", mode="reference")
+    reference.load_state_dict(chunk.state_dict())
+    normalized = make_cms(variant, objective)
+    normalized.load_state_dict(chunk.state_dict())
+    x, tokens = inputs()
+    teacher = toy_teacher(tokens) if objective == "teach" else None
+    results = []
+    for module in (chunk, reference, normalized):
+        xi = x.clone().requires_grad_()
+        y, _ = module(xi, None, teacher)
+        (y.pow(2).sum() + y.sum()).backward()
+        results.append((y, xi.grad, [p.grad for p in module.parameters()]))
+    (ya, ga, pa), (yb, gb, pb), (yn, _, _) = results
+    torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-11)
+    for a, b in zip(pa, pb, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert not torch.allclose(ya, yn)  # the step is threaded to the levels
+    assert "plain η=" in chunk.inner_levels()[0].optimizer
+    with pytest.raises(ValueError, match="step: unknown 'raw'; choose one of normalized, plain"):
+        make_cms(step="raw")
+
+
+def test_model_config_cms_step_reaches_every_cms():
+    from nestlearn.errors import ConfigError
+    from nestlearn.models.hope import HopeAttentionConfig, HopeAttentionLM
+
+    small = {"vocab_size": 11, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 16}
+    model = HopeAttentionLM(HopeAttentionConfig(**small, cms_step="plain"))
+    assert [block.cms.step for block in model.blocks] == ["plain", "plain"]
+    assert HopeAttentionLM(HopeAttentionConfig(**small)).blocks[0].cms.step == "normalized"
+    with pytest.raises(ConfigError, match=r"model\.cms_step: unknown 'raw'"):
+        HopeAttentionLM(HopeAttentionConfig(**small, cms_step="raw"))

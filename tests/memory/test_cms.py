@@ -331,3 +331,69 @@ def test_bad_weights_are_named():
         cms_level_chunk(z, weights, lr=0.1, chunk_size=2, activation="relu")
     with pytest.raises(ValueError, match="input width d=2"):
         cms_level_chunk(z[..., :2], weights, lr=0.1, chunk_size=2)
+
+
+# The plain step (NL-31 as printed, ``step="plain"``): the same forms, no 1 / (1 + E).
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "momentum", "dgd"])
+@pytest.mark.parametrize(("T", "C"), [(7, 3), (7, 1), (6, 6)])
+def test_plain_step_chunk_equals_reference_with_gradients(optimizer, T, C):
+    z, weights = make(T * 10 + C + 1, T=T)
+    leaves = [z, *weights.values()]
+    kwargs = {"lr": 0.05, "chunk_size": C, "optimizer": optimizer, "momentum": 0.7}
+    a, b = run_both(z, weights, leaves, step="plain", **kwargs)
+    assert_same(a, b)
+
+
+def test_plain_step_is_nl31_written_by_hand():
+    """``θ_{c+1} = θ_c − η Σ_{pairs of chunk c} ∇θ ½‖MLP_θc(z_s) − z_{s+1}‖²`` (autograd of the
+    pair losses), every token read with its chunk's weights."""
+    z, weights = make(21, T=8)
+    lr, C = 0.07, 3
+    y, state = cms_level_chunk(
+        z, weights, lr=lr, chunk_size=C, step="plain", output_final_state=True
+    )
+    z0 = z.detach()
+    for b in range(z.shape[0]):
+        theta = {k: v.detach() for k, v in weights.items()}
+        for start in range(0, z.shape[1], C):
+            rows = z0[b : b + 1, start : start + C]
+            torch.testing.assert_close(
+                y[b : b + 1, start : start + C].detach(), swiglu(theta, rows), rtol=0, atol=1e-12
+            )
+            end = start + C
+            if end > z.shape[1]:
+                break
+            leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
+            keys = z0[b : b + 1, max(start - 1, 0) : end - 1]  # pairs (s, s+1), s+1 in the chunk
+            targets = z0[b : b + 1, max(start, 1) : end]
+            loss = 0.5 * (swiglu(leaves, keys) - targets).pow(2).sum()
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+            theta = {k: v - lr * g for (k, v), g in zip(theta.items(), grads, strict=True)}
+        for name in MAPS:
+            torch.testing.assert_close(state[name][b], theta[name], rtol=1e-12, atol=1e-12)
+
+
+def test_normalized_is_the_default_and_plain_is_one_plus_e_times_larger():
+    z, weights = make(22, T=4)
+    kwargs = {"lr": 0.3, "chunk_size": 4, "output_final_state": True}
+    y, default = cms_level_chunk(z, weights, **kwargs)
+    y_norm, normalized = cms_level_chunk(z, weights, step="normalized", **kwargs)
+    assert torch.equal(y, y_norm) and all(torch.equal(default[k], normalized[k]) for k in default)
+    # The first chunk (C = 4: pairs (0,1), (1,2), (2,3)) is applied at the end of the call; its
+    # summed sensitivity E is what a longer chunk still holds.
+    _, plain = cms_level_chunk(z, weights, step="plain", **kwargs)
+    _, pending = cms_level_chunk(z, weights, lr=0.3, chunk_size=5, output_final_state=True)
+    e = pending["e"].view(-1, 1, 1)
+    assert (e > 0.1).all()
+    for name in MAPS:
+        w0 = weights[name].detach()
+        step_norm, step_plain = default[name] - w0, plain[name] - w0
+        torch.testing.assert_close(step_plain, (1 + e) * step_norm, rtol=1e-10, atol=1e-13)
+
+
+def test_unknown_step_is_named():
+    z, weights = make(23)
+    with pytest.raises(ValueError, match="step: unknown 'sum'; choose one of normalized, plain"):
+        cms_level_chunk(z, weights, lr=0.1, chunk_size=2, step="sum")

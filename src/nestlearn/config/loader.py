@@ -378,12 +378,18 @@ def validate(cfg: RunConfig) -> None:
     choices = {
         "preconditioner": ("identity", "diagonal", "kronecker"),
         "dmgd_objective": ("dot", "l2"),
+        "dmgd_form": ("ours", "paper"),
     }
     for key, valid in choices.items():
         if getattr(cfg.optim, key) not in valid:
             raise ConfigError(
                 f"optim.{key}={getattr(cfg.optim, key)!r}; choose one of {', '.join(valid)}"
             )
+    if cfg.optim.dmgd_form == "paper" and cfg.optim.dmgd_objective != "dot":
+        raise ConfigError(
+            "optim.dmgd_form=paper has the paper's dot objective only; set "
+            "optim.dmgd_objective=dot (or optim.dmgd_form=ours for the l2 objective)"
+        )
     if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size < 260:
         raise ConfigError(
             f"data.vocab_size={cfg.data.vocab_size} is too small for BPE "

@@ -74,6 +74,8 @@ class OptimConfig:
     dmgd_depth: int = 2  # dmgd: linear maps of the momentum MLP (1 = plain momentum)
     dmgd_hidden: int = 0  # dmgd: hidden width (0 = the smaller side of the matrix)
     dmgd_objective: str = "dot"  # dmgd: inner objective, "dot" (paper) or "l2"
+    dmgd_form: str = "ours"  # dmgd: "ours" (value −I, read m(I)) or "paper" (SPEC §3 as printed:
+    # value 𝟏, read m(g), retention on every map; docs/optimizers.md)
     m3_frequency: int = 8  # m3: steps per slow chunk (update period of the slow momentum)
     m3_alpha: float = 1.0  # m3: weight of the slow momentum's output
     m3_beta1: float = 0.1  # m3: write strength of the fast momentum

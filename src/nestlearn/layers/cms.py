@@ -17,6 +17,8 @@ to map its input to the next token's input; no second pass, differentiable); ``t
 gradient of the next-token cross-entropy at the level's output stream ``h_s`` through the final
 norm and head only (:class:`Teacher`, the logit-lens approximation of SPEC §4's teach signal;
 exact for the last level of the last block), stop-gradient.
+Inner step (``step``): ``normalized`` (``η / (1 + E)``, ours, default) or ``plain`` (NL-31's
+summed step at rate ``η``; :mod:`nestlearn.memory.cms`, docs/cms.md).
 With k = 1, ``sequential`` and a zero learning rate this is a Transformer's ``x + MLP(norm(x))``.
 The block may instead be GPT-2's (``mlp="gelu_tanh"``: ``W2 gelu_tanh(W1 z + b1) + b2``), with
 biases (``bias=True``) and a LayerNorm (``norm="layer"``), so that a pretrained model's MLPs drop
@@ -38,6 +40,7 @@ from nestlearn.layers.norm import NORMS, make_norm
 from nestlearn.levels import Level
 from nestlearn.memory.cms import (
     OPTIMIZERS,
+    STEPS,
     Weights,
     cms_level_chunk,
     cms_level_reference,
@@ -115,10 +118,20 @@ class ContinuumMemory(nn.Module):
         mlp: str = "swiglu",
         bias: bool = False,
         norm: str = "rms",
+        step: str = "normalized",
     ) -> None:
         super().__init__()
         check_cms_options(
-            d_model, hidden, chunk_sizes, lrs, variant, objective, optimizer, momentum, mode
+            d_model,
+            hidden,
+            chunk_sizes,
+            lrs,
+            variant,
+            objective,
+            optimizer,
+            momentum,
+            mode,
+            step=step,
         )
         check_block_options(mlp, norm)
         self.mlp, self.bias, self.norm_kind = mlp, bool(bias), norm
@@ -127,6 +140,7 @@ class ContinuumMemory(nn.Module):
         self.chunk_sizes, self.lrs = [int(c) for c in chunk_sizes], [float(r) for r in lrs]
         self.variant, self.objective, self.optimizer = variant, objective, optimizer
         self.momentum, self.detach_inner, self.mode = float(momentum), bool(detach_inner), mode
+        self.step = step
         self.levels = nn.ModuleList(
             CMSLevel(
                 d_model,
@@ -266,6 +280,7 @@ class ContinuumMemory(nn.Module):
                 detach_inner=self.detach_inner,
                 history=history,
                 activation=self.activation,
+                step=self.step,
                 **extra,
             )
             if on_level is not None:
@@ -316,6 +331,7 @@ class ContinuumMemory(nn.Module):
             "momentum": f"GD + momentum μ={self.momentum:g}",
             "dgd": "DGD (chunk-mean projection)",
         }[self.optimizer]
+        rate = "plain η" if self.step == "plain" else "η"  # normalized: η/(1+E), docs/cms.md
         out = []
         for i, (C, lr) in enumerate(zip(self.chunk_sizes, self.lrs, strict=True)):
             kind = "SwiGLU" if self.mlp == "swiglu" else "GELU(tanh) MLP"
@@ -323,7 +339,7 @@ class ContinuumMemory(nn.Module):
             if self.variant == "nested" and i > 0:
                 period = C * math.ceil(self.chunk_sizes[i - 1] / C)
                 memory += f", reset from level {i - 1} every {period} tokens"
-            out.append(Level(f"levels.{i}", memory, objective, f"{optimizer}, η={lr:g}", C))
+            out.append(Level(f"levels.{i}", memory, objective, f"{optimizer}, {rate}={lr:g}", C))
         return out
 
     def outer_periods(self) -> dict[str, int]:
@@ -371,6 +387,7 @@ def check_cms_options(
     momentum: float,
     mode: str = "chunk",
     prefix: str = "",
+    step: str = "normalized",
 ) -> None:
     """ValueError naming the first bad option (``prefix`` + its name), with the valid choices or
     the fix."""
@@ -381,6 +398,7 @@ def check_cms_options(
         ("objective", objective, OBJECTIVES),
         ("optimizer", optimizer, OPTIMIZERS),
         ("mode", mode, MODES),
+        ("step", step, STEPS),
     ):
         if value not in choices:
             raise ValueError(

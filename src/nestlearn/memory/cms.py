@@ -14,10 +14,13 @@ terms, all taken at the chunk-start weights ``θ_c``:
 
 with the normalized rate ``η_c = η / (1 + E_c)``, ``E_c = Σ_s K_s`` and ``K_s`` a bound of the
 block's output sensitivity ``‖J_s J_sᵀ‖`` at key ``z_s`` (``J_s = ∂y_s/∂θ``, :func:`_sensitivity`):
-normalized LMS for the whole block. To first order a chunk step then moves the outputs on the
-chunk's own keys by at most ``η`` times their errors, whatever the width, chunk size and weight
-scale, so ``η ∈ (0, 1]`` means the same everywhere. With the plain ``η`` (or one normalizer per
-map) the inner loop diverged in our tests once ``η·C·‖u‖²`` or the weights grew.
+normalized LMS for the whole block (``step="normalized"``, the default). To first order a chunk
+step then moves the outputs on the chunk's own keys by at most ``η`` times their errors, whatever
+the width, chunk size and weight scale, so ``η ∈ (0, 1]`` means the same everywhere. With the
+plain ``η`` (or one normalizer per map) the inner loop diverged in our tests once ``η·C·‖u‖²`` or
+the weights grew. ``step="plain"`` is NL-31 as printed, ``η_c = η`` (``θ_{c+1} = θ_c − η G_c``
+for gd): a paper-style ``η`` then acts ``1 + E_c`` times larger than the normalized one
+(docs/cms.md measures where it stays finite).
 
 The pair ``(s, s+1)`` has key ``z_s`` and a target known only once token ``s+1`` is read (the
 next input for the ``local`` source, the next token for ``teach``); its error term therefore
@@ -35,7 +38,8 @@ recurrent step. The state is a plain ``dict[str, Tensor]``:
     w1, w3 [B, h, d], w2 [B, d, h]   weights of the current chunk (w3 only when gated)
     b1, b3 [B, h], b2 [B, d]         biases of the current chunk, when the block has them
     g.{w}                             summed gradients of the current chunk's pairs so far
-    e [B]                             their summed sensitivities ``E`` (the rate's normalizer)
+    e [B]                             their summed sensitivities ``E`` (the rate's normalizer;
+                                      kept but unused by the plain step: one state layout)
     s.{w}                             (momentum) the momentum
     p.{w}                             (dgd) summed projections ``(θ_c û) ûᵀ`` of the chunk so far
                                       (a bias is a map of the constant input 1: its projection is b)
@@ -63,6 +67,7 @@ ResetFn = Callable[[int], Weights | None]
 MAPS = ("w1", "w3", "w2")  # SwiGLU without biases, the default block
 ORDER = ("w1", "w3", "w2", "b1", "b3", "b2")  # every name a block may have, in state order
 OPTIMIZERS = ("gd", "momentum", "dgd")
+STEPS = ("normalized", "plain")  # η / (1 + E) (ours, default) or NL-31's plain summed step
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -109,6 +114,7 @@ class _Options(NamedTuple):
     error: ErrorFn
     detach_inner: bool
     activation: str = "silu"
+    step: str = "normalized"
 
 
 def init_cms_level_state(
@@ -176,6 +182,7 @@ def cms_level_chunk(
     detach_inner: bool = False,
     history: dict[int, Weights] | None = None,
     activation: str = "silu",
+    step: str = "normalized",
 ) -> tuple[torch.Tensor, State | None]:
     """The training form: chunk by chunk, each chunk one batched forward/backward.
 
@@ -197,11 +204,13 @@ def cms_level_chunk(
             reach ``θ_0`` through the reads and the identity path of each update.
         history: if given, filled with ``chunk index -> weights in effect for that chunk``.
         activation: ``σ`` of the block, ``"silu"`` or ``"gelu_tanh"``.
+        step: ``"normalized"`` (``Ĝ = G / (1 + E)``, default) or ``"plain"`` (``Ĝ = G``, NL-31
+            as printed): :func:`apply_update`.
 
     Returns:
         ``y [B, T, d]`` and the final state (or None).
     """
-    opts = _options(lr, chunk_size, optimizer, momentum, error, detach_inner, activation)
+    opts = _options(lr, chunk_size, optimizer, momentum, error, detach_inner, activation, step)
     target_ctx = z if target_ctx is None else target_ctx
     _check(z, weights, key_ctx, target_ctx, initial_state, opts)
     w, acc, z_prev, ctx_prev, pos = _unpack(initial_state, weights, opts, key_ctx)
@@ -275,12 +284,13 @@ def cms_level_reference(
     detach_inner: bool = False,
     history: dict[int, Weights] | None = None,
     activation: str = "silu",
+    step: str = "normalized",
 ) -> tuple[torch.Tensor, State | None]:
     """The oracle: a loop over tokens; per token, complete the pending pair (one error term by
     per-token backprop and :func:`~nestlearn.memory.core.rules.linear_gradient`, one DGD
     projection by :func:`~nestlearn.memory.core.rules.dgd_projection`), read, and step at chunk
     ends. Arguments as :func:`cms_level_chunk`; slow, for tests."""
-    opts = _options(lr, chunk_size, optimizer, momentum, error, detach_inner, activation)
+    opts = _options(lr, chunk_size, optimizer, momentum, error, detach_inner, activation, step)
     target_ctx = z if target_ctx is None else target_ctx
     _check(z, weights, key_ctx, target_ctx, initial_state, opts)
     w, acc, z_prev, ctx_prev, pos = _unpack(initial_state, weights, opts, key_ctx)
@@ -313,7 +323,8 @@ def cms_level_reference(
 
 def apply_update(w: Weights, acc: State, n_pairs: int, opts: _Options) -> tuple[Weights, State]:
     """One inner step at a chunk end with the chunk's ``n_pairs`` summed error terms, normalized
-    by the chunk's summed sensitivity, ``Ĝ = G / (1 + E)``:
+    by the chunk's summed sensitivity, ``Ĝ = G / (1 + E)`` (``opts.step == "plain"``: ``Ĝ = G``,
+    NL-31's summed step):
 
         gd        θ ← θ − η Ĝ                                   (rules.momentum with μ = 0)
         momentum  S ← μ S − η Ĝ,  θ ← θ + S                     (rules.momentum)
@@ -329,7 +340,7 @@ def apply_update(w: Weights, acc: State, n_pairs: int, opts: _Options) -> tuple[
     new_acc: State = {}
     for name in names_of(w):
         G = acc.get(f"g.{name}")
-        if G is not None:
+        if G is not None and opts.step == "normalized":
             e = acc["e"]
             G = G / (1.0 + e).view(-1, *[1] * _core(name))
         if G is None:
@@ -594,6 +605,7 @@ def _options(
     error: ErrorFn,
     detach_inner: bool,
     activation: str = "silu",
+    step: str = "normalized",
 ) -> _Options:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
@@ -606,8 +618,10 @@ def _options(
         raise ValueError(f"error: expected a callable (y, key_ctx, target) -> δ, got {error!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: unknown '{activation}'; choose one of {ACTIVATIONS}")
+    if step not in STEPS:
+        raise ValueError(f"step: unknown '{step}'; choose one of {', '.join(STEPS)}")
     return _Options(
-        float(lr), chunk_size, optimizer, float(mu), error, bool(detach_inner), activation
+        float(lr), chunk_size, optimizer, float(mu), error, bool(detach_inner), activation, step
     )
 
 

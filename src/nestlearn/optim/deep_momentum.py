@@ -39,6 +39,21 @@ Decisions (ours; the print is loose here, SPEC §3 asks us to document them):
 
 Memory cost per matrix: ``h (d + n) + (L − 2) h²`` numbers (``n d`` for depth 1; ``h = min(n, d)``
 by default, at most ``2 n d``) and, transiently, ``n²`` for the write's predictions.
+
+``form="paper"``: SPEC §3's DMGD as written, for comparison (issue 15). The memory is an MLP
+``m_θ: R^d → R^d`` applied to each row ``g_j`` of the gradient (maps ``A_1 [h, d], …, A_L [d, h]``;
+depth 1: ``M [d, d]``), so ``m_θ(g)`` has ``W``'s shape ``[n, d]``:
+
+    L^{(2)}(θ; g) = Σ_j ⟨m_θ(g_j), 𝟏⟩ = 𝟏_nᵀ m_θ(g) 𝟏_d            value: all-ones
+    θ_{i+1}       = α θ_i − η ∇_θ L^{(2)}(θ_i; g_i)                  retention α on every map
+    W_{i+1}       = (1 − η λ) W_i + m_{θ_{i+1}}(g_i)                 read at the gradient itself
+
+Same initialization (``A_L = 0``), same activations; the objective is ``"dot"`` only (the L2
+option is ours). For a linear memory the write is ``M_{i+1} = α M_i − η 𝟏 (g_iᵀ 𝟏)ᵀ``: ``M`` stays
+``𝟏 cᵀ`` (rank one, every output coordinate equal) and the update ``g_i M_{i+1}ᵀ = (g_i c_{i+1})
+𝟏ᵀ`` is constant along each row of ``W`` (tested): the printed objective does not give momentum,
+which is why ours reads ``m(I)`` with value ``−I``. Memory cost ``h (2 d) + (L − 2) h²``
+(``d²`` for depth 1). docs/optimizers.md compares both forms.
 """
 
 from __future__ import annotations
@@ -53,6 +68,7 @@ from nestlearn.memory.mlp.forms import ACTIVATIONS as MLP_ACTIVATIONS
 from nestlearn.optim.base import MemoryOptimizer, apply_update, as_matrix, check_int, check_unit
 
 OBJECTIVES = ("dot", "l2")
+FORMS = ("ours", "paper")  # module docstring: ours (default) and SPEC §3 as printed
 # Odd activations first (module docstring); SiLU/GELU are the engine's (memory.mlp).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
@@ -108,11 +124,26 @@ def dmgd_write(
     ]
 
 
+def dmgd_write_paper(
+    weights: list[torch.Tensor], grad: torch.Tensor, *, alpha: float, eta: float, activation: str
+) -> list[torch.Tensor]:
+    """SPEC §3's write: ``θ ← α θ − η ∇_θ Σ_j ⟨m_θ(g_j), 𝟏⟩`` (every map retained by ``α``) for
+    a gradient ``g [n, d]`` whose rows are the keys and a memory ``m_θ: R^d → R^d``."""
+    with torch.enable_grad():
+        leaves = [w.detach().requires_grad_(True) for w in weights]
+        loss = memory_forward(leaves, grad, activation).sum()  # ⟨m(g_j), 𝟏⟩ summed over rows
+        grads = torch.autograd.grad(loss, leaves)
+    return [
+        retain(w, alpha) + momentum(None, g, 0.0, eta) for w, g in zip(weights, grads, strict=True)
+    ]
+
+
 class DeepMomentum(MemoryOptimizer):
     """DMGD (module docstring). Matrix-only; rank > 2 parameters read as ``[shape[0], -1]``.
 
     ``lr`` is the memory's inner step ``η`` (as in NL-17), ``momentum`` its retention ``α``,
-    ``hidden = 0`` means ``min(n, d)``. State: ``w.{i}`` (the memory's maps).
+    ``hidden = 0`` means ``min(n, d)``. ``form``: ``"ours"`` (default) or ``"paper"`` (SPEC §3 as
+    printed, module docstring). State: ``w.{i}`` (the memory's maps).
     """
 
     matrix_only = True
@@ -129,6 +160,7 @@ class DeepMomentum(MemoryOptimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
         vector_rule: str | None = None,
+        form: str = "ours",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -140,6 +172,7 @@ class DeepMomentum(MemoryOptimizer):
             "weight_decay": weight_decay,
             "seed": seed,
             "vector_rule": vector_rule,
+            "form": form,
         }
         self._index: dict[torch.Tensor, int] = {}
         super().__init__(params, defaults)
@@ -163,13 +196,22 @@ class DeepMomentum(MemoryOptimizer):
             raise ValueError(
                 f"DeepMomentum: objective={group['objective']!r}; choose one of {OBJECTIVES}"
             )
+        form = group.setdefault("form", "ours")  # groups saved before the option: ours
+        if form not in FORMS:
+            raise ValueError(f"DeepMomentum: form={form!r}; choose one of {FORMS}")
+        if form == "paper" and group["objective"] != "dot":
+            raise ValueError(
+                "DeepMomentum: form='paper' has the paper's dot objective ⟨m(g), 𝟏⟩ only; "
+                f"got objective={group['objective']!r} (use objective='dot', or form='ours')"
+            )
 
     def init_memory(self, param: torch.Tensor, group: dict[str, Any]) -> list[torch.Tensor]:
         """The memory's maps before any write (module docstring, Initialization)."""
         n, d = as_matrix(param).shape
         depth, hidden = group["depth"], group["hidden"] or min(n, d)
+        out = d if group.get("form", "ours") == "paper" else n  # paper: m maps R^d to R^d
         if depth == 1:
-            return [param.new_zeros(n, d)]
+            return [param.new_zeros(out, d)]
         generator = torch.Generator().manual_seed(group["seed"] * 1_000_003 + self._index[param])
         shapes = [(hidden, d)] + [(hidden, hidden)] * (depth - 2)
         maps = [
@@ -178,22 +220,23 @@ class DeepMomentum(MemoryOptimizer):
             )
             for shape in shapes
         ]
-        return [*maps, param.new_zeros(n, hidden)]
+        return [*maps, param.new_zeros(out, hidden)]
 
     def _update(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
         depth = group["depth"]
         if "w.0" not in state:
             for i, w in enumerate(self.init_memory(param, group)):
                 state[f"w.{i}"] = w
-        weights = dmgd_write(
-            [state[f"w.{i}"] for i in range(depth)],
-            as_matrix(grad),
-            alpha=group["momentum"],
-            eta=group["lr"],
-            objective=group["objective"],
-            activation=group["activation"],
-        )
+        old = [state[f"w.{i}"] for i in range(depth)]
+        g, alpha, eta, act = as_matrix(grad), group["momentum"], group["lr"], group["activation"]
+        if group.get("form", "ours") == "paper":  # groups saved before the option: ours
+            weights = dmgd_write_paper(old, g, alpha=alpha, eta=eta, activation=act)
+            read = memory_forward(weights, g, act)  # m_{i+1}(g_i): the rows of the update
+        else:
+            weights = dmgd_write(
+                old, g, alpha=alpha, eta=eta, objective=group["objective"], activation=act
+            )
+            read = memory_read(weights, act)
         for i, w in enumerate(weights):
             state[f"w.{i}"] = w
-        read = memory_read(weights, group["activation"])
         apply_update(param, read, group["lr"], group["weight_decay"])

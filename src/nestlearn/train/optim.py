@@ -74,6 +74,7 @@ def _matrix_optimizer(
             depth=cfg.dmgd_depth,
             hidden=cfg.dmgd_hidden,
             objective=cfg.dmgd_objective,
+            form=cfg.dmgd_form,
             weight_decay=wd,
         )
     if cfg.name == "muon":
