@@ -96,3 +96,17 @@ def test_a_non_finite_loss_names_the_step():
     inputs[:, 0] = 3  # every row reads the poisoned embedding
     with pytest.raises(NonFiniteLossError, match="mqar: the loss became non-finite at step 0"):
         train_synthetic(model, lambda s: (inputs, targets), steps=2, desc="mqar", progress=False)
+
+
+@pytest.mark.parametrize("name", ["hope", "hope_attention", "titans_lmm"])
+def test_small_models_update_every_memory_within_a_32_token_sequence(name):
+    # SPEC's chunk sizes (64; CMS [64, 16]) never reach a chunk boundary in a 32-token MQAR
+    # sequence: every inner gradient would be taken at the sequence's start weights.
+    config = small_model(name, vocab_size=32, max_seq_len=32).config
+    chunks = [getattr(config, f) for f in ("chunk_size", "other_chunk_size") if hasattr(config, f)]
+    chunks += list(getattr(config, "cms_chunk_sizes", []))
+    assert chunks and max(chunks) <= 16
+    # --set still wins over the small defaults.
+    field, value = ("chunk_size", 8) if name == "titans_lmm" else ("cms_chunk_sizes", [32, 4])
+    given = small_model(name, vocab_size=32, max_seq_len=32, overrides={field: value}).config
+    assert getattr(given, field) == value

@@ -153,14 +153,18 @@ def test_end_to_end_on_the_offline_default(tmp_path):
     assert run_experiment("continual", argv) == 0
     written = json.loads((out / "result.json").read_text())
     assert written["experiment"] == "continual"
-    assert written["table"]["rows"][0][0] == written["results"]["metrics"]["average_accuracy"]
-    record = written["results"]
+    [record] = written["results"]
+    assert (record["model"], record["seed"]) == ("gated_deltanet", 0)
+    assert written["table"]["rows"][0][0] == "gated_deltanet"
+    assert (
+        written["summary"]["gated_deltanet"]["ACC"]["mean"] == record["metrics"]["average_accuracy"]
+    )
     assert record["data"] == "stdlib"
     R = record["accuracy_matrix"]
     assert R[0][1] is None and all(0.0 <= R[i][j] <= 1.0 for i in range(2) for j in range(i + 1))
     assert record["metrics"]["average_accuracy"] == pytest.approx((R[1][0] + R[1][1]) / 2)
     assert len(record["tasks"]) == 2 and len(record["task_stats"]) == 2
-    assert "backward transfer" in (out / "results.md").read_text()
+    assert "BWT" in (out / "results.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 0
 
 

@@ -51,7 +51,7 @@ def test_a_checkpoint_is_tested_where_it_fits(run_dir, tmp_path, capsys):
     assert main([*argv, "--save-samples", str(samples)]) == 0
     assert "lengths [180] do not fit its context limit (160 tokens)" in capsys.readouterr().out
     row = json.loads((out / "result.json").read_text())["table"]["rows"][0]
-    assert row[0] == "run step 2" and row[2] is not None and row[3] is None
+    assert row[0] == "run step 2" and row[2] != "—" and row[3] == "—"
     # The saved prompts can be tested again from the file.
     records = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(records) == 8 and {r["length"] for r in records} == {140, 180}
@@ -108,3 +108,104 @@ def test_presets_fill_unset_flags_and_given_flags_win():
     paper = apply_preset(build_parser().parse_args(["--preset", "paper", "--lr", "0.5"]), PRESETS)
     assert paper.needles == ["passkey", "number", "uuid"] and paper.lengths[-1] == 8192
     assert paper.lr == 0.5
+
+
+def _run(out, *extra):
+    return main(["experiment", "niah", *TINY, "--out", str(out), *extra])
+
+
+def test_seeds_give_one_record_per_model_and_seed_and_a_summary_with_spreads(tmp_path):
+    out = tmp_path / "niah"
+    assert _run(out, "--models", "transformer", "gated_deltanet", "--seeds", "2") == 0
+    result = json.loads((out / "result.json").read_text())
+    assert [(r["model"], r["seed"]) for r in result["results"]] == [
+        ("transformer", 0), ("transformer", 1), ("gated_deltanet", 0), ("gated_deltanet", 1)
+    ]  # fmt: skip
+    summary = result["summary"]
+    assert set(summary) == {"transformer", "gated_deltanet"}
+    assert set(summary["transformer"]) == {"L=140", "L=180", "accuracy"}
+    runs = result["results"][:2]
+    per_seed = [
+        sum(c["accuracy"] for c in r["cells"] if c["length"] == 180) / 2 for r in runs
+    ]  # 2 depths
+    stat = summary["transformer"]["L=180"]
+    assert stat["values"] == pytest.approx(per_seed) and stat["n"] == 2
+    assert stat["std"] is not None
+    assert summary["transformer"]["accuracy"]["values"] == pytest.approx(
+        [sum(c["accuracy"] for c in r["cells"]) / 4 for r in runs]
+    )
+    rows = result["table"]["rows"]
+    assert [r[:2] for r in rows] == [["transformer", "passkey"], ["gated_deltanet", "passkey"]]
+    assert all(" ± " in cell for r in rows for cell in r[2:])
+    assert "2 seeds (0, 1)" in (out / "results.md").read_text()
+    assert (out / "units" / "gated_deltanet-seed1.json").exists()
+
+
+def test_a_needle_per_seed_is_summarized_per_needle_too(tmp_path):
+    out = tmp_path / "niah"
+    assert _run(out, "--models", "transformer", "--needles", "passkey", "number",
+                "--lengths", "190", "--train-lengths", "190") == 0  # fmt: skip
+    summary = json.loads((out / "result.json").read_text())["summary"]["transformer"]
+    assert set(summary) == {"L=190", "passkey L=190", "number L=190", "accuracy"}
+    both = summary["L=190"]["mean"]
+    assert both == pytest.approx(
+        (summary["passkey L=190"]["mean"] + summary["number L=190"]["mean"]) / 2
+    )
+
+
+def test_models_run_apart_then_the_full_command_only_assembles(tmp_path, monkeypatch, capsys):
+    import nestlearn.experiments.niah as experiment
+
+    out = tmp_path / "niah"
+    assert _run(out, "--models", "transformer", "--seeds", "2") == 0
+    assert _run(out, "--models", "gated_deltanet", "--seeds", "2") == 0
+    stored = json.loads((out / "units" / "transformer-seed1.json").read_text())["record"]
+    capsys.readouterr()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a stored unit was trained again")
+
+    monkeypatch.setattr(experiment, "train_synthetic", fail)
+    assert _run(out, "--models", "transformer", "gated_deltanet", "--seeds", "2") == 0
+    assert "gated_deltanet seed 1: reused" in capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert [(r["model"], r["seed"]) for r in result["results"]] == [
+        ("transformer", 0), ("transformer", 1), ("gated_deltanet", 0), ("gated_deltanet", 1)
+    ]  # fmt: skip
+    assert result["results"][1]["cells"] == stored["cells"]
+    with pytest.raises(AssertionError, match="trained again"):
+        _run(out, "--models", "transformer", "--seeds", "2", "--steps", "3")
+
+
+def test_a_seed_that_diverges_is_missing_from_the_spread(tmp_path, monkeypatch, capsys):
+    import nestlearn.experiments.niah as experiment
+    from nestlearn.errors import NonFiniteLossError
+
+    real = experiment.train_synthetic
+
+    def diverge_seed_0(model, sample, **kwargs):
+        if "seed 0" in kwargs["desc"]:
+            raise NonFiniteLossError(f"{kwargs['desc']}: the loss became non-finite at step 1")
+        return real(model, sample, **kwargs)
+
+    monkeypatch.setattr(experiment, "train_synthetic", diverge_seed_0)
+    out = tmp_path / "o"
+    assert _run(out, "--models", "transformer", "--seeds", "2") == 0
+    assert "non-finite at step 1; its cells are reported as not run" in capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    stat = result["summary"]["transformer"]["L=140"]
+    assert (stat["n"], stat["missing"], stat["values"][0]) == (1, 1, None)
+    assert "diverged" in result["results"][0]
+    assert "(1 failed)" in result["table"]["rows"][0][2]
+
+
+def test_the_cpu_preset_runs_every_model_over_three_seeds_beyond_the_training_length():
+    from nestlearn.experiments.model_source import apply_preset
+    from nestlearn.experiments.niah import DEFAULT_MODELS, PRESETS, build_parser
+
+    args = apply_preset(build_parser().parse_args(["--preset", "cpu"]), PRESETS)
+    assert args.seeds == [0, 1, 2]
+    assert DEFAULT_MODELS == ("hope", "hope_attention", "titans_lmm", "gated_deltanet",
+                              "transformer")  # fmt: skip
+    trained = max(args.train_lengths)
+    assert max(args.lengths) >= 4 * trained and min(args.lengths) <= trained

@@ -185,13 +185,15 @@ def test_end_to_end_with_a_short_training(tmp_path):
     assert run_experiment("test_time", argv) == 0
     written = json.loads((tmp_path / "result.json").read_text())
     assert written["experiment"] == "test_time"
-    assert [row[1] for row in written["table"]["rows"]] == ["carry", "reset"]
-    record = written["results"]
+    assert [row[2] for row in written["table"]["rows"]] == ["carry", "reset"]
+    [record] = written["results"]
+    assert (record["model"], record["seed"]) == ("gated_deltanet", 0)
     assert set(record["conditions"]) == {"carry", "reset"}
     assert np.isfinite(record["train_final_loss"])
     assert record["state_roundtrip_exact"] is True
     assert "age 1" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "forgetting.png").stat().st_size > 0
+    assert (tmp_path / "states" / "gated_deltanet-seed0.safetensors").stat().st_size > 0
 
 
 def test_a_transformer_that_cannot_hold_the_stream_says_so(tmp_path):
@@ -213,14 +215,21 @@ def test_more_facts_than_keys_is_refused(tmp_path):
         run_experiment("test_time", argv)
 
 
-def test_the_default_fresh_model_is_small_and_overrides_replace_it():
-    from nestlearn.experiments.model_source import model_from_args
-    from nestlearn.experiments.test_time import build_parser
+def test_the_default_fresh_models_are_small_and_overrides_replace_their_sizes():
+    from nestlearn.experiments.model_comparison import build, model_specs
+    from nestlearn.experiments.model_source import apply_preset
+    from nestlearn.experiments.test_time import PRESETS, build_parser
 
-    default = model_from_args(build_parser().parse_intermixed_args([]))
+    def one(*argv: str):
+        args = apply_preset(build_parser().parse_intermixed_args(list(argv)), PRESETS)
+        [spec] = model_specs(args)
+        return build(spec, args, 0)
+
+    default = one("--model", "gated_deltanet")
     assert (default.model.config.name, default.model.config.d_model) == ("gated_deltanet", 64)
+    assert default.model.config.mlp_hidden == 240  # the width that equalises parameter counts
     assert "model.d_model=64" in default.name
-    given = model_from_args(build_parser().parse_intermixed_args(["model.n_layers=1"]))
+    given = one("--model", "gated_deltanet", "model.n_layers=1")
     assert (given.model.config.d_model, given.model.config.n_layers) == (192, 1)
 
 

@@ -24,6 +24,21 @@ from nestlearn.train.optim import parameter_groups
 
 IGNORE = -100  # target id of positions that are not scored
 
+# Chunk sizes at the synthetic tasks' scale (sequences of 32-768 tokens), where they change
+# what a model computes. SPEC §5's defaults (M_mem 64, CMS levels [64, 16]) are for sequences of
+# thousands of tokens: on a 32-token MQAR sequence a 64-token chunk takes every inner gradient at
+# the sequence's start weights and a CMS level of C = 64 never updates in context. Here the Titans
+# memory (titans_lmm, and HOPE's M_mem with it, so both memories write at the same rate) works in
+# chunks of 16 tokens, HOPE's other memories keep SPEC's 16, and the CMS levels are [16, 8]: the
+# slow level updates at least once in a 32-token sequence, the fast one three times. Gated
+# DeltaNet's chunk form is exact per token (its chunk size only changes speed) and the
+# Transformer has none. ``--set`` / ``overrides`` still win.
+SMALL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "titans_lmm": {"chunk_size": 16},
+    "hope": {"chunk_size": 16, "other_chunk_size": 16, "cms_chunk_sizes": [16, 8]},
+    "hope_attention": {"cms_chunk_sizes": [16, 8]},
+}
+
 
 def small_model(
     name: str,
@@ -36,10 +51,11 @@ def small_model(
     overrides: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> LanguageModel:
-    """Build the registered architecture ``name`` at a small size (fields it lacks are skipped).
+    """Build the registered architecture ``name`` at a small size (fields it lacks are skipped),
+    with the chunk sizes of :data:`SMALL_DEFAULTS` for the synthetic tasks' short sequences.
 
     ``overrides`` are further ``model.*`` fields (``{"chunk_size": 16}``), checked against the
-    architecture's config class like a config file's keys.
+    architecture's config class like a config file's keys; they win over the small defaults.
     """
     cls = model_config_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -52,6 +68,7 @@ def small_model(
     }
     if "n_heads" in fields:
         values["n_heads"] = n_heads
+    values.update(SMALL_DEFAULTS.get(name, {}))
     values.update(overrides or {})
     config = build_section("model", cls, values)
     torch.manual_seed(seed)

@@ -10,15 +10,19 @@ is tested on the test examples of every task ``j <= i``, choosing among all clas
 transfer, forgetting and average incremental accuracy follow
 (:mod:`nestlearn.experiments.continual_metrics`).
 
-``nestlearn experiment continual [--data stdlib|clinc150|banking77|dbpedia] [--model NAME |
---checkpoint DIR] [...]`` writes ``result.json``, ``results.md`` and ``accuracy.png`` to ``--out``.
+``nestlearn experiment continual [--data stdlib|clinc150|banking77|dbpedia] [--models NAME ... |
+--model NAME | --checkpoint DIR] [--seeds N] [--preset tiny|cpu] [...]`` compares fresh models
+(default: hope, hope with CMS level periods across optimizer steps, hope_attention, titans_lmm,
+gated_deltanet, transformer), each seed one resumable unit
+(:mod:`nestlearn.experiments.model_comparison`), and writes ``result.json``, ``results.md``,
+``accuracy.png``, ``metrics.png`` and ``matrices.png`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,26 +40,71 @@ from nestlearn.data.classification import (
     per_class,
 )
 from nestlearn.data.corpus import stable_hash
-from nestlearn.errors import ConfigError
-from nestlearn.eval.figures import save_figure
+from nestlearn.errors import ConfigError, NonFiniteLossError
+from nestlearn.eval.figures import plot_bars, plot_curves, plot_heatmaps
 from nestlearn.eval.results import write_result
 from nestlearn.experiments.continual_metrics import continual_metrics
 from nestlearn.experiments.label_scoring import LabelScorer
-from nestlearn.experiments.model_source import add_model_args, add_run_args, model_from_args
-from nestlearn.experiments.seeds import resolve_seeds
+from nestlearn.experiments.model_comparison import (
+    ModelSpec,
+    add_comparison_args,
+    build,
+    model_specs,
+    parameter_count,
+    parameter_counts,
+    run_units,
+    summary_over_seeds,
+)
+from nestlearn.experiments.model_source import add_run_args, apply_preset
+from nestlearn.experiments.seeds import format_spread, seeds_label
+from nestlearn.train.level_steps import LevelSteps
 from nestlearn.train.optim import build_optimizer
 from nestlearn.train.report import markdown_table
 
 NAME = "continual"
-# Tasks x classes per task, per data set (CLINC150: 150 intents; Banking77: 77; DBpedia: 14).
 METRIC_KEYS = (
     "average_accuracy",
     "backward_transfer",
     "forgetting",
     "average_incremental_accuracy",
 )
-METRIC_HEADERS = ["average accuracy", "backward transfer", "forgetting", "avg incremental accuracy"]
+# The summary's names of the same numbers, and the table's.
+SUMMARY_KEYS = ("ACC", "BWT", "forgetting", "average_incremental_accuracy")
+SUMMARY_HEADERS = ["ACC", "BWT", "forgetting", "avg incremental accuracy"]
+# Tasks x classes per task, per data set (CLINC150: 150 intents; Banking77: 77; DBpedia: 14).
 DEFAULT_SPLITS = {"stdlib": (5, 4), "clinc150": (15, 10), "banking77": (7, 11), "dbpedia": (7, 2)}
+# The comparison of issue 15: HOPE, HOPE with CMS level periods across optimizer steps, baselines.
+DEFAULT_MODELS = (
+    "hope",
+    "hope+level_periods",
+    "hope_attention",
+    "titans_lmm",
+    "gated_deltanet",
+    "transformer",
+)
+FIGURES = ("accuracy.png", "metrics.png", "matrices.png")
+# The cpu preset's models (d_model 64, 2 blocks, 2 heads) with the MLP / CMS widths that bring
+# each to about 150k parameters (byte vocabulary; counts in docs/experiments-continual.md).
+CPU_SHARED = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2"]
+CPU_SIZES = {
+    "hope_attention": ["model.cms_hidden=128"],
+    "gated_deltanet": ["model.mlp_hidden=240"],
+    "transformer": ["model.mlp_hidden=256"],
+}
+# Defaults by scale. tiny: the protocol measured in docs/experiments-continual.md on each model's
+# NAME-tiny config; cpu: the suite's (all default models x 3 seeds in about 22 CPU-minutes).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "train_per_class": 24, "test_per_class": 12, "steps_per_task": 60, "batch_size": 16,
+        "lr": 1e-3, "prompt_len": 96, "eval_batch_size": 32, "default_overrides": [],
+        "model_sizes": {},
+    },
+    "cpu": {
+        "train_per_class": 24, "test_per_class": 6, "steps_per_task": 32, "batch_size": 16,
+        "lr": 3e-3, "prompt_len": 64, "eval_batch_size": 32, "default_overrides": CPU_SHARED,
+        "model_sizes": CPU_SIZES, "n_seeds": 3,
+    },
+}  # fmt: skip
 
 
 @dataclass
@@ -147,7 +196,12 @@ def run_continual(
 
 
 class LMLearner:
-    """Fine-tunes a language model on each task with AdamW (one optimizer for the whole run)."""
+    """Fine-tunes a language model on each task with AdamW (one optimizer for the whole run).
+
+    ``level_periods`` (a ``train.level_periods`` spec, "" = off) steps the parameters it names
+    every ``p`` optimizer steps with the gradient summed over those steps, counted across tasks,
+    exactly as the trainer does (:class:`~nestlearn.train.level_steps.LevelSteps`; ``cms``: CMS
+    level ``l`` every ``C(l)`` steps, SPEC §4 "across steps")."""
 
     def __init__(
         self,
@@ -158,6 +212,7 @@ class LMLearner:
         seed: int = 0,
         eval_batch_size: int = 32,
         progress: bool = False,
+        level_periods: str = "",
     ) -> None:
         self.scorer = scorer
         self.steps_per_task = steps_per_task
@@ -165,6 +220,8 @@ class LMLearner:
         self.eval_batch_size = eval_batch_size
         self.progress = progress
         self.optimizer = build_optimizer(scorer.model, OptimConfig(lr=lr, weight_decay=0.0))
+        self.level_steps = LevelSteps.from_spec(scorer.model, level_periods)
+        self.step = 0  # optimizer steps over all tasks
         self.generator = torch.Generator().manual_seed(seed)
 
     def learn(self, task: Task) -> dict[str, float]:
@@ -181,10 +238,18 @@ class LMLearner:
             idx = torch.randint(len(task.train), (self.batch_size,), generator=self.generator)
             batch = [task.train[i] for i in idx.tolist()]
             loss = self.scorer.loss([e.text for e in batch], [e.label for e in batch])
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"continual: the loss became non-finite on task {task.index} (optimizer step "
+                    f"{self.step}); lower --lr"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if self.level_steps is not None:
+                self.level_steps.apply(self.step)
             self.optimizer.step()
+            self.step += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         model.eval()
@@ -195,7 +260,7 @@ class LMLearner:
         return self.scorer.predict(texts, labels, self.eval_batch_size)
 
 
-def load_data(args: argparse.Namespace, n_classes: int) -> ClassificationData:
+def load_data(args: argparse.Namespace, n_classes: int, seed: int) -> ClassificationData:
     if args.data != "stdlib":
         return load_classification(args.data, args.data_path)
     if args.data_path:
@@ -204,9 +269,7 @@ def load_data(args: argparse.Namespace, n_classes: int) -> ClassificationData:
         raise ConfigError("--data stdlib needs --train-per-class and --test-per-class > 0")
     from nestlearn.experiments.stdlib_topics import stdlib_classification
 
-    return stdlib_classification(
-        n_classes, args.train_per_class, args.test_per_class, seed=args.seed
-    )
+    return stdlib_classification(n_classes, args.train_per_class, args.test_per_class, seed=seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,53 +278,58 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_args(parser)
+    add_comparison_args(parser, DEFAULT_MODELS, level_periods=True)
+    parser.add_argument(
+        "--preset", default="tiny", choices=list(PRESETS),
+        help="scale of the defaults below: tiny (each model's NAME-tiny config, one seed) or cpu "
+        "(the suite's: small models of about equal size, 3 seeds); any flag given overrides it",
+    )  # fmt: skip
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="stdlib", choices=("stdlib", *DATASETS))
     data.add_argument("--data-path", help="local file/folder of the data set (default: HF cache)")
     data.add_argument("--tasks", type=int, help="number of tasks (default: per data set)")
     data.add_argument("--classes-per-task", type=int, help="classes per task (default: per set)")
-    data.add_argument("--train-per-class", type=int, default=24, help="0 = all")
-    data.add_argument("--test-per-class", type=int, default=12, help="0 = all")
+    data.add_argument("--train-per-class", type=int, help="0 = all (tiny: 24)")
+    data.add_argument("--test-per-class", type=int, help="0 = all (tiny: 12)")
     run = parser.add_argument_group("protocol")
-    run.add_argument("--steps-per-task", type=int, default=60)
-    run.add_argument("--batch-size", type=int, default=16)
-    run.add_argument("--lr", type=float, default=1e-3)
-    run.add_argument("--prompt-len", type=int, default=96, help="tokens per prompt")
-    run.add_argument("--eval-batch-size", type=int, default=32)
+    run.add_argument("--steps-per-task", type=int, help="tiny: 60")
+    run.add_argument("--batch-size", type=int, help="tiny: 16")
+    run.add_argument("--lr", type=float, help="tiny: 1e-3")
+    run.add_argument("--prompt-len", type=int, help="tokens per prompt (tiny: 96)")
+    run.add_argument("--eval-batch-size", type=int, help="tiny: 32")
     add_run_args(parser, f"runs/experiments/{NAME}")
     return parser
 
 
-def main(argv: Sequence[str] = ()) -> int:
-    args = build_parser().parse_intermixed_args(list(argv))
-    resolve_seeds(args)
+def check_args(args: argparse.Namespace) -> tuple[int, int]:
+    """Refuse bad sizes before any work; the number of tasks and classes per task."""
     n_tasks, per_task = DEFAULT_SPLITS[args.data]
     n_tasks = args.tasks or n_tasks
     per_task = args.classes_per_task or per_task
     for flag in ("steps_per_task", "batch_size", "prompt_len", "eval_batch_size"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
-    data = load_data(args, n_tasks * per_task)
-    source = model_from_args(args)
-    tasks = make_tasks(
-        data, n_tasks, per_task, args.train_per_class, args.test_per_class, args.seed
-    )
+    return n_tasks, per_task
+
+
+def run_one(args: argparse.Namespace, spec: ModelSpec, seed: int) -> dict[str, Any]:
+    """One unit: spec's model, seeded by ``seed`` (init, class order, samples, batches)."""
+    n_tasks, per_task = check_args(args)
+    data = load_data(args, n_tasks * per_task, seed)
+    source = build(spec, args, seed)
+    tasks = make_tasks(data, n_tasks, per_task, args.train_per_class, args.test_per_class, seed)
     scorer = LabelScorer(source.model, source.tokenizer, args.prompt_len)
     scorer.check_fits([c for t in tasks for c in t.classes])
     progress = not args.no_progress
     learner = LMLearner(
-        scorer,
-        args.steps_per_task,
-        args.batch_size,
-        args.lr,
-        args.seed,
-        args.eval_batch_size,
-        progress,
-    )
+        scorer, args.steps_per_task, args.batch_size, args.lr, seed, args.eval_batch_size,
+        progress, spec.level_periods,
+    )  # fmt: skip
     result = run_continual(learner, tasks, progress=progress)
-    record = {
-        "model": source.name,
+    return {
+        "source": source.name,
+        "parameters": parameter_count(source),
+        "level_periods": spec.level_periods,
         "data": args.data,
         "protocol": {
             "tasks": n_tasks,
@@ -272,73 +340,130 @@ def main(argv: Sequence[str] = ()) -> int:
             "batch_size": args.batch_size,
             "lr": args.lr,
             "prompt_len": args.prompt_len,
-            "seed": args.seed,
+            "seed": seed,
         },
         "tasks": [t.classes for t in tasks],
         **result,
         "accuracy_matrix": result["accuracy_matrix"].tolist(),
     }
+
+
+def unit_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
+    """A seed's headline numbers: ACC, BWT, forgetting, average incremental accuracy, every cell
+    ``R[i,j]`` (``j <= i``) of its accuracy matrix and ``seen[i] = mean_{j<=i} R[i,j]``."""
+    m = record["metrics"]
+    numbers: dict[str, float | None] = {
+        name: m[key] for name, key in zip(SUMMARY_KEYS, METRIC_KEYS, strict=True)
+    }
+    for i, row in enumerate(record["accuracy_matrix"]):
+        for j in range(i + 1):
+            numbers[f"R[{i},{j}]"] = row[j]
+        numbers[f"seen[{i}]"] = float(np.mean(row[: i + 1]))
+    return numbers
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    args = apply_preset(build_parser().parse_intermixed_args(list(argv)), PRESETS)
+    n_tasks, per_task = check_args(args)
+    specs = model_specs(args)
+    for spec in specs:  # a level-periods spec the model cannot take fails before any unit
+        if spec.level_periods:
+            LevelSteps.from_spec(build(spec, args, args.seed).model, spec.level_periods)
+    records = run_units(args, specs, lambda spec, seed: run_one(args, spec, seed), NAME)
+    cells = [f"R[{i},{j}]" for i in range(n_tasks) for j in range(i + 1)]
+    cells += [f"seen[{i}]" for i in range(n_tasks)]
+    stats = summary_over_seeds(records, specs, unit_metrics, [*SUMMARY_KEYS, *cells])
+    # result.json's summary: the headline numbers; the cells' spreads go to tables and figures.
+    summary = {label: {k: s[k] for k in SUMMARY_KEYS} for label, s in stats.items()}
+    sizes = parameter_counts(records, specs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_accuracy(result["accuracy_matrix"], out / "accuracy.png", source.name)
-    m = result["metrics"]
+    plot_comparison(stats, n_tasks, out, seeds_label(args.seeds))
+    rows = [
+        [label, sizes[label], *(format_spread(s[k]) for k in SUMMARY_KEYS), s["ACC"]["n"]]
+        for label, s in summary.items()
+    ]
+    headers = ["model", "parameters", *SUMMARY_HEADERS, "seeds"]
     write_result(
-        out, NAME, args=vars(args), headers=[*METRIC_HEADERS, "model", "data"],
-        rows=[[*(m[k] for k in METRIC_KEYS), source.name, args.data]], figures=["accuracy.png"],
-        results=record, markdown=render_table(record),
+        out, NAME, args=vars(args), headers=headers, rows=rows, figures=list(FIGURES),
+        results=records, markdown=render_table(args, stats, headers, rows, n_tasks),
+        summary=summary,
     )  # fmt: skip
-    print(
-        f"{NAME} on {args.data} ({n_tasks} tasks x {per_task} classes), {source.name}: "
-        f"ACC {m['average_accuracy']:.3f}, BWT {m['backward_transfer']:+.3f}, "
-        f"forgetting {m['forgetting']:.3f}; results in {out}"
-    )
+    for label, s in summary.items():
+        print(
+            f"{NAME} on {args.data} ({n_tasks} tasks x {per_task} classes), {label}: "
+            f"ACC {format_spread(s['ACC'])}, BWT {format_spread(s['BWT'])}"
+        )
+    print(f"results in {out}")
     return 0
 
 
-def render_table(record: dict[str, Any]) -> str:
-    """The metrics and the accuracy matrix (rows: after task i; columns: task j) as markdown."""
-    m = record["metrics"]
-    R = record["accuracy_matrix"]
-    lines = [
-        f"# Continual learning: {record['data']}, {record['model']}\n",
-        markdown_table(METRIC_HEADERS, [[m[k] for k in METRIC_KEYS]]),
-        "Accuracy R[i, j] on task j after training task i:\n",
-        markdown_table(
-            ["after \\ task", *[str(j) for j in range(len(R))]],
-            [
-                [f"task {i}", *["" if np.isnan(v) else f"{v:.3f}" for v in row]]
-                for i, row in enumerate(np.asarray(R, dtype=float))
-            ],
-        ),
+def mean_matrix(stats: Mapping[str, Any], n_tasks: int) -> list[list[Any]]:
+    """``R[i][j]``'s mean over seeds; None above the diagonal."""
+    return [
+        [stats[f"R[{i},{j}]"]["mean"] if j <= i else None for j in range(n_tasks)]
+        for i in range(n_tasks)
     ]
+
+
+def render_table(
+    args: argparse.Namespace,
+    summary: Mapping[str, Mapping[str, Any]],
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    n_tasks: int,
+) -> str:
+    """The metrics per model (mean ± std over seeds) and each model's accuracy matrix."""
+    lines = [
+        f"# Continual learning: {args.data}, {seeds_label(args.seeds)}\n",
+        "Mean ± sample standard deviation over seeds; `parameters`: the fresh model's count.\n",
+        markdown_table(list(headers), [["—" if v is None else v for v in r] for r in rows]),
+    ]
+    for label, stats in summary.items():
+        cells = [
+            [format_spread(stats[f"R[{i},{j}]"]) if j <= i else "" for j in range(n_tasks)]
+            for i in range(n_tasks)
+        ]
+        lines += [
+            f"Accuracy R[i, j] on task j after training task i, {label} (mean ± std):\n",
+            markdown_table(
+                ["after \\ task", *[str(j) for j in range(n_tasks)]],
+                [[f"task {i}", *row] for i, row in enumerate(cells)],
+            ),
+        ]
     return "\n".join(lines)
 
 
-def plot_accuracy(R: np.ndarray, path: Path, title: str) -> Path:
-    """Left: the accuracy matrix as a heat map; right: each task's accuracy across stages."""
-    R = np.asarray(R, dtype=float)
-    T = R.shape[0]
-
-    def draw(fig) -> None:
-        left, right = fig.subplots(1, 2)
-        image = left.imshow(np.ma.masked_invalid(R), vmin=0, vmax=1, cmap="viridis")
-        left.set_xlabel("tested on task j")
-        left.set_ylabel("after training task i")
-        left.set_xticks(range(T))
-        left.set_yticks(range(T))
-        for i in range(T):
-            for j in range(i + 1):
-                left.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7, c="w")
-        fig.colorbar(image, ax=left, fraction=0.046)
-        for j in range(T):
-            right.plot(range(j, T), R[j:, j], marker="o", ms=3, lw=1, label=f"task {j}")
-        seen = [np.mean(R[i, : i + 1]) for i in range(T)]
-        right.plot(range(T), seen, color="k", lw=2.5, label="all seen")
-        right.set_xlabel("after training task")
-        right.set_ylabel("test accuracy")
-        right.set_ylim(-0.02, 1.02)
-        right.grid(alpha=0.3)
-        right.legend(fontsize=6, ncol=2)
-        fig.suptitle(f"class-incremental accuracy: {title}", fontsize=9)
-
-    return save_figure(path, draw, (10, 4.2))
+def plot_comparison(
+    summary: Mapping[str, Mapping[str, Any]], n_tasks: int, out: Path, seeds: str
+) -> None:
+    """``accuracy.png``: mean accuracy on the tasks seen so far and on task 0 after each task;
+    ``metrics.png``: ACC, BWT and forgetting; ``matrices.png``: each model's mean ``R``. Curves
+    carry a band and bars an error bar of ± the standard deviation over seeds."""
+    stages = list(range(n_tasks))
+    seen, first, seen_err, first_err = {}, {}, {}, {}
+    for label, stats in summary.items():
+        seen[label] = (stages, [stats[f"seen[{i}]"]["mean"] for i in stages])
+        seen_err[label] = [stats[f"seen[{i}]"]["std"] for i in stages]
+        first[label] = (stages, [stats[f"R[{i},0]"]["mean"] for i in stages])
+        first_err[label] = [stats[f"R[{i},0]"]["std"] for i in stages]
+    plot_curves(
+        {"mean over tasks seen so far": seen, "task 0": first}, out / FIGURES[0],
+        xlabel="after training task", ylabel="test accuracy",
+        title=f"class-incremental accuracy ({seeds})",
+        errors={"mean over tasks seen so far": seen_err, "task 0": first_err},
+    )  # fmt: skip
+    plot_bars(
+        {label: {k: s[k]["mean"] for k in ("ACC", "BWT", "forgetting")}
+         for label, s in summary.items()},
+        out / FIGURES[1], ylabel="accuracy / change in accuracy",
+        title=f"ACC, BWT and forgetting ({seeds})",
+        errors={label: {k: s[k]["std"] for k in ("ACC", "BWT", "forgetting")}
+                for label, s in summary.items()},
+    )  # fmt: skip
+    plot_heatmaps(
+        {label: mean_matrix(stats, n_tasks) for label, stats in summary.items()},
+        out / FIGURES[2], rows=[f"task {i}" for i in stages], cols=[str(j) for j in stages],
+        xlabel="tested on task j", ylabel="after training task i",
+        title=f"accuracy R[i, j], mean over {seeds}",
+    )  # fmt: skip

@@ -9,6 +9,10 @@ from nestlearn.errors import ConfigError
 
 # name -> (module, one-line summary). A module defines ``main(argv: list[str]) -> int``.
 EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "ablations": (
+        "nestlearn.experiments.ablations",
+        "HOPE's Table-6 ablations on the same tokens: Δ perplexity vs full HOPE over seeds",
+    ),
     "continual": (
         "nestlearn.experiments.continual",
         "class-incremental classification (stdlib, CLINC, Banking, DBpedia): ACC, BWT, R[i, j]",
@@ -28,6 +32,10 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "perplexity": (
         "nestlearn.experiments.perplexity",
         "perplexity and bits/byte: independent chunks, sliding windows, recurrent streaming",
+    ),
+    "suite": (
+        "nestlearn.experiments.suite",
+        "CPU reproduction: perplexity, ablations, mqar, niah, continual, test_time, 3 seeds each",
     ),
     "zero_shot": (
         "nestlearn.experiments.zero_shot",

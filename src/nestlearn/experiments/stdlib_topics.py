@@ -20,6 +20,7 @@ download. Construction (deterministic for a given Python version and ``seed``):
 from __future__ import annotations
 
 import ast
+import functools
 import sysconfig
 import warnings
 from pathlib import Path
@@ -96,7 +97,13 @@ def module_files(root: Path, module: str) -> list[Path]:
 
 
 def module_docstrings(root: Path, module: str) -> list[str]:
-    """Distinct first paragraphs of the module's class/function docstrings, in file order."""
+    """Distinct first paragraphs of the module's class/function docstrings, in file order
+    (parsed once per process: every seed of an experiment reads the same files)."""
+    return list(_parsed_docstrings(Path(root), module))
+
+
+@functools.cache
+def _parsed_docstrings(root: Path, module: str) -> tuple[str, ...]:
     texts: dict[str, None] = {}
     for file in module_files(root, module):
         try:
@@ -112,7 +119,7 @@ def module_docstrings(root: Path, module: str) -> list[str]:
                 text = first_paragraph(doc) if doc else ""
                 if len(text) >= MIN_CHARS:
                     texts[text] = None
-    return list(texts)
+    return tuple(texts)
 
 
 def stdlib_classification(

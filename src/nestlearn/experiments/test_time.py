@@ -24,15 +24,19 @@ Protocol (``docs/experiments-continual.md``):
    forgetting). The carried state after the last document is saved with safetensors, restored,
    and queried again: the answers must be identical (``state_roundtrip_exact``).
 
-``nestlearn experiment test_time [--model NAME | --checkpoint DIR] [...]`` writes
-``result.json``, ``results.md``, ``forgetting.png`` and ``state.safetensors`` to ``--out``.
+``nestlearn experiment test_time [--models NAME ... | --model NAME | --checkpoint DIR]
+[--seeds N] [--preset tiny|cpu] [...]`` compares fresh models (default: hope, hope_attention,
+titans_lmm, gated_deltanet, transformer of about equal size), each seed one resumable unit
+(:mod:`nestlearn.experiments.model_comparison`), and writes ``result.json``, ``results.md``,
+``forgetting.png``, ``test_time.png`` and each unit's ``states/MODEL-seedS.safetensors`` to
+``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,7 @@ from tqdm.auto import tqdm
 
 from nestlearn.data.tokenizer import Tokenizer
 from nestlearn.errors import ConfigError
-from nestlearn.eval.figures import save_figure
+from nestlearn.eval.figures import plot_bars, plot_curves
 from nestlearn.eval.results import write_result
 from nestlearn.eval.synthetic import train_synthetic
 from nestlearn.experiments.continual_metrics import continual_metrics
@@ -56,25 +60,61 @@ from nestlearn.experiments.facts import (
     sample_episode,
     training_batch,
 )
+from nestlearn.experiments.model_comparison import (
+    DEFAULT_MODELS,
+    ModelSpec,
+    add_comparison_args,
+    build,
+    model_specs,
+    parameter_count,
+    parameter_counts,
+    run_units,
+    summary_over_seeds,
+)
 from nestlearn.experiments.model_source import (
-    add_model_args,
     add_run_args,
+    apply_preset,
     check_context,
     clone_state,
-    model_from_args,
 )
-from nestlearn.experiments.seeds import resolve_seeds
+from nestlearn.experiments.seeds import format_spread, seeds_label
 from nestlearn.models.base import LanguageModel, State
 from nestlearn.train.report import markdown_table
 
 NAME = "test_time"
 CONDITIONS = ("carry", "reset")
-# CPU-minutes defaults (docs/experiments-continual.md): a small fresh model and one-letter keys.
+# Small fresh models (d_model 64, 2 blocks, 2 heads; the tiny width trains ~5x slower) with the
+# MLP / CMS widths that bring each to about 150k parameters (docs/experiments-continual.md).
 DEFAULT_OVERRIDES = ("model.d_model=64", "model.n_layers=2", "model.n_heads=2")
+MODEL_SIZES = {
+    "hope_attention": ["model.cms_hidden=128"],
+    "gated_deltanet": ["model.mlp_hidden=240"],
+    "transformer": ["model.mlp_hidden=256"],
+}
 KEY_LEN = 1
 VALUE_DIGITS = 2
 SUMMARY_KEYS = ("final_accuracy", "last_document_accuracy", "backward_transfer", "forgetting")
 SUMMARY_HEADERS = ["final accuracy", "last document", "backward transfer", "forgetting"]
+FIGURES = ("forgetting.png", "test_time.png")
+# The numbers result.json's summary holds per model (over seeds).
+HEADLINE = (
+    "carry_final_accuracy", "reset_final_accuracy", "carry_minus_reset",
+    "carry_last_document_accuracy", "carry_forgetting", "train_final_loss",
+)  # fmt: skip
+# Defaults by scale. tiny: the protocol measured in docs/experiments-continual.md; cpu: the
+# suite's (all default models x 3 seeds in about 13 CPU-minutes).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "docs": 4, "facts_per_doc": 3, "key_len": KEY_LEN, "value_digits": VALUE_DIGITS,
+        "episodes": 32, "train_steps": 2000, "batch_size": 16, "lr": 3e-3,
+        "default_overrides": list(DEFAULT_OVERRIDES), "model_sizes": MODEL_SIZES,
+    },
+    "cpu": {
+        "docs": 3, "facts_per_doc": 2, "key_len": KEY_LEN, "value_digits": VALUE_DIGITS,
+        "episodes": 32, "train_steps": 700, "batch_size": 4, "lr": 3e-3,
+        "default_overrides": list(DEFAULT_OVERRIDES), "model_sizes": MODEL_SIZES, "n_seeds": 3,
+    },
+}  # fmt: skip
 
 
 def train_fact_recall(
@@ -253,71 +293,64 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_args(parser, "gated_deltanet", DEFAULT_OVERRIDES)
+    add_comparison_args(parser, DEFAULT_MODELS)
+    parser.add_argument(
+        "--preset", default="tiny", choices=list(PRESETS),
+        help="scale of the defaults below: tiny (4 documents x 3 facts, 2,000 training steps, "
+        "one seed) or cpu (the suite's: 3 x 2 facts, 3 seeds); any flag given overrides it",
+    )  # fmt: skip
     task = parser.add_argument_group("facts")
-    task.add_argument("--docs", type=int, default=4, help="documents per episode")
-    task.add_argument("--facts-per-doc", type=int, default=3)
-    task.add_argument("--key-len", type=int, default=KEY_LEN, help="letters per key")
-    task.add_argument("--value-digits", type=int, default=VALUE_DIGITS, help="digits per value")
-    task.add_argument("--episodes", type=int, default=32, help="evaluation episodes")
+    task.add_argument("--docs", type=int, help="documents per episode (tiny: 4)")
+    task.add_argument("--facts-per-doc", type=int, help="tiny: 3")
+    task.add_argument("--key-len", type=int, help=f"letters per key (tiny: {KEY_LEN})")
+    task.add_argument("--value-digits", type=int, help=f"digits per value (tiny: {VALUE_DIGITS})")
+    task.add_argument("--episodes", type=int, help="evaluation episodes (tiny: 32)")
     train = parser.add_argument_group("training on the fact task")
-    train.add_argument("--train-steps", type=int, default=2000, help="0 = evaluate as is")
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--train-steps", type=int, help="0 = evaluate as is (tiny: 2000)")
+    train.add_argument("--batch-size", type=int, help="tiny: 16")
+    train.add_argument("--lr", type=float, help="tiny: 3e-3")
     add_run_args(parser, f"runs/experiments/{NAME}")
     return parser
 
 
-def main(argv: Sequence[str] = ()) -> int:
-    args = build_parser().parse_intermixed_args(list(argv))
-    resolve_seeds(args)
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad sizes before any work."""
     for flag in ("docs", "facts_per_doc", "key_len", "value_digits", "episodes", "batch_size"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
     if args.train_steps < 0:
         raise ConfigError("--train-steps must be >= 0")
-    source = model_from_args(args)
     if args.docs * args.facts_per_doc > 26**args.key_len:
         raise ConfigError(
             f"--docs x --facts-per-doc = {args.docs * args.facts_per_doc} facts need distinct keys "
             f"but --key-len {args.key_len} gives {26**args.key_len}; use a longer --key-len"
         )
+
+
+def run_one(args: argparse.Namespace, spec: ModelSpec, seed: int) -> dict[str, Any]:
+    """One unit: spec's model (initialised from ``seed``) trained on the fact task with training
+    stream ``seed``, then evaluated on the evaluation stream ``seed``."""
+    source = build(spec, args, seed)
     probe = sample_episode(
         random.Random(0), args.docs, args.facts_per_doc, args.key_len, args.value_digits
     )
     check_streams(source.model, source.tokenizer, [probe], training=args.train_steps > 0)
     progress = not args.no_progress
-    out = Path(args.out)
     losses = []
     if args.train_steps:
         losses = train_fact_recall(
-            source.model,
-            source.tokenizer,
-            args.train_steps,
-            args.batch_size,
-            args.lr,
-            args.docs,
-            args.facts_per_doc,
-            args.value_digits,
-            args.seed,
-            progress,
-            args.key_len,
-        )
+            source.model, source.tokenizer, args.train_steps, args.batch_size, args.lr,
+            args.docs, args.facts_per_doc, args.value_digits, seed, progress, args.key_len,
+        )  # fmt: skip
+    state_path = Path(args.out) / "states" / f"{spec.key}-seed{seed}.safetensors"
     result = run_test_time(
-        source.model,
-        source.tokenizer,
-        args.docs,
-        args.facts_per_doc,
-        args.episodes,
-        args.value_digits,
-        args.seed,
-        out / "state.safetensors",
-        progress,
-        args.key_len,
-    )
+        source.model, source.tokenizer, args.docs, args.facts_per_doc, args.episodes,
+        args.value_digits, seed, state_path, progress, args.key_len,
+    )  # fmt: skip
     tail = losses[-max(1, len(losses) // 10) :]
-    record = {
-        "model": source.name,
+    return {
+        "source": source.name,
+        "parameters": parameter_count(source),
         "protocol": {
             "docs": args.docs,
             "facts_per_doc": args.facts_per_doc,
@@ -327,69 +360,129 @@ def main(argv: Sequence[str] = ()) -> int:
             "train_steps": args.train_steps,
             "batch_size": args.batch_size,
             "lr": args.lr,
-            "seed": args.seed,
+            "seed": seed,
         },
         "train_final_loss": float(np.mean(tail)) if tail else None,
         **result,
     }
-    plot_forgetting(record, out / "forgetting.png")
-    carry, reset = (result["conditions"][c]["final_accuracy"] for c in CONDITIONS)
-    rows = [
-        [source.name, c, *(result["conditions"][c][k] for k in SUMMARY_KEYS)] for c in CONDITIONS
-    ]
-    write_result(
-        out, NAME, args=vars(args), headers=["model", "condition", *SUMMARY_HEADERS], rows=rows,
-        figures=["forgetting.png"], results=record, markdown=render_table(record),
-    )  # fmt: skip
-    print(
-        f"{NAME}, {source.name}: final accuracy carry {carry:.3f} vs reset {reset:.3f} "
-        f"(chance {result['chance_accuracy']:.3f}); results in {out}"
+
+
+def unit_metrics(record: Mapping[str, Any]) -> dict[str, float | None]:
+    """A seed's headline numbers: per condition its summaries and accuracy by age, the gain of
+    carrying the state (``carry_minus_reset``, final accuracy) and the final training loss."""
+    numbers: dict[str, float | None] = {"train_final_loss": record.get("train_final_loss")}
+    for name, c in record["conditions"].items():
+        numbers.update({f"{name}_{k}": c[k] for k in SUMMARY_KEYS})
+        numbers.update({f"{name}_age{a}": v for a, v in enumerate(c["final_accuracy_by_age"])})
+    numbers["carry_minus_reset"] = (
+        record["conditions"]["carry"]["final_accuracy"]
+        - record["conditions"]["reset"]["final_accuracy"]
     )
+    return numbers
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    args = apply_preset(build_parser().parse_intermixed_args(list(argv)), PRESETS)
+    check_args(args)
+    specs = model_specs(args)
+    records = run_units(args, specs, lambda spec, seed: run_one(args, spec, seed), NAME)
+    keys = [
+        *(f"{c}_{k}" for c in CONDITIONS for k in SUMMARY_KEYS),
+        *(f"{c}_age{a}" for c in CONDITIONS for a in range(args.docs)),
+        "carry_minus_reset",
+        "train_final_loss",
+    ]
+    stats = summary_over_seeds(records, specs, unit_metrics, keys)
+    # result.json's summary: the headline numbers; the rest goes to tables and figures.
+    summary = {label: {k: s[k] for k in HEADLINE} for label, s in stats.items()}
+    sizes = parameter_counts(records, specs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chance = chance_accuracy(args.value_digits)
+    plot_comparison(stats, args.docs, chance, out, seeds_label(args.seeds))
+    headers = ["model", "parameters", "condition", *SUMMARY_HEADERS, "seeds"]
+    rows = [
+        [label, sizes[label], c, *(format_spread(s[f"{c}_{k}"]) for k in SUMMARY_KEYS),
+         s[f"{c}_final_accuracy"]["n"]]
+        for label, s in stats.items()
+        for c in CONDITIONS
+    ]  # fmt: skip
+    write_result(
+        out, NAME, args=vars(args), headers=headers, rows=rows, figures=list(FIGURES),
+        results=records, markdown=render_table(args, stats, headers, rows, chance),
+        summary=summary,
+    )  # fmt: skip
+    for label, s in summary.items():
+        print(
+            f"{NAME}, {label}: final accuracy carry {format_spread(s['carry_final_accuracy'])} "
+            f"vs reset {format_spread(s['reset_final_accuracy'])} (chance {chance:.3f})"
+        )
+    print(f"results in {out}")
     return 0
 
 
-def render_table(record: dict[str, Any]) -> str:
-    conditions = record["conditions"]
-    D = len(conditions["carry"]["recall_matrix"])
-    summary = markdown_table(
-        ["condition", *SUMMARY_HEADERS],
-        [[name, *(c[k] for k in SUMMARY_KEYS)] for name, c in conditions.items()],
-    )
+def render_table(
+    args: argparse.Namespace,
+    summary: Mapping[str, Mapping[str, Any]],
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    chance: float,
+) -> str:
+    """The summaries per model and condition, and accuracy by age (mean ± std over seeds)."""
     by_age = markdown_table(
-        ["condition", *[f"age {a}" for a in range(D)]],
-        [[name, *c["final_accuracy_by_age"]] for name, c in conditions.items()],
+        ["model", "condition", *[f"age {a}" for a in range(args.docs)]],
+        [
+            [label, c, *(format_spread(s[f"{c}_age{a}"]) for a in range(args.docs))]
+            for label, s in summary.items()
+            for c in CONDITIONS
+        ],
+    )
+    gain = markdown_table(
+        ["model", "carry - reset (final accuracy)", "final training loss"],
+        [
+            [label, format_spread(s["carry_minus_reset"]), format_spread(s["train_final_loss"])]
+            for label, s in summary.items()
+        ],
     )
     return "\n".join(
         [
-            f"# Test-time learning: {record['model']}\n",
-            f"Chance: {record['chance_accuracy']:.4f}. Age = documents read since the fact.\n",
-            summary,
+            f"# Test-time learning: {seeds_label(args.seeds)}\n",
+            f"Chance: {chance:.4f}. Age = documents read since the fact. Mean ± sample standard "
+            "deviation over seeds; `parameters`: the fresh model's count.\n",
+            markdown_table(list(headers), [["—" if v is None else v for v in r] for r in rows]),
+            "What carrying the state adds, and how well the task was learned:\n",
+            gain,
             "Accuracy after the last document, by the age of the fact:\n",
             by_age,
         ]
     )
 
 
-def plot_forgetting(record: dict[str, Any], path: Path) -> Path:
-    """Accuracy by age after the last document, and the carried condition's matrix."""
-
-    def draw(fig) -> None:
-        left, right = fig.subplots(1, 2)
-        for i, (name, c) in enumerate(record["conditions"].items()):
-            ages = range(len(c["final_accuracy_by_age"]))
-            left.plot(ages, c["final_accuracy_by_age"], marker="o", color=f"C{i}", label=name)
-        left.axhline(record["chance_accuracy"], color="grey", ls="--", lw=1, label="chance")
-        left.set_xlabel("age of the fact (documents read since)")
-        left.set_ylabel("recall accuracy")
-        left.set_ylim(-0.02, 1.02)
-        left.grid(alpha=0.3)
-        left.legend(fontsize=8)
-        A = np.array(record["conditions"]["carry"]["recall_matrix"], dtype=float)
-        image = right.imshow(np.ma.masked_invalid(A), vmin=0, vmax=1, cmap="viridis")
-        right.set_xlabel("facts of document d")
-        right.set_ylabel("after reading document n")
-        right.set_title("carry: A[n, d]", fontsize=9)
-        fig.colorbar(image, ax=right, fraction=0.046)
-        fig.suptitle(f"test-time learning: {record['model']}", fontsize=9)
-
-    return save_figure(path, draw, (10, 4.2))
+def plot_comparison(
+    summary: Mapping[str, Mapping[str, Any]], docs: int, chance: float, out: Path, seeds: str
+) -> None:
+    """``forgetting.png``: accuracy after the last document by the age of the fact, one panel
+    per condition; ``test_time.png``: final accuracy carry and reset per model. Bands and error
+    bars: ± the standard deviation over seeds."""
+    ages = list(range(docs))
+    panels = {
+        c: {label: (ages, [s[f"{c}_age{a}"]["mean"] for a in ages]) for label, s in summary.items()}
+        for c in CONDITIONS
+    }
+    errors = {
+        c: {label: [s[f"{c}_age{a}"]["std"] for a in ages] for label, s in summary.items()}
+        for c in CONDITIONS
+    }
+    plot_curves(
+        panels, out / FIGURES[0], xlabel="age of the fact (documents read since)",
+        ylabel="recall accuracy", title=f"test-time learning ({seeds})", baseline=chance,
+        errors=errors,
+    )  # fmt: skip
+    plot_bars(
+        {label: {c: s[f"{c}_final_accuracy"]["mean"] for c in CONDITIONS}
+         for label, s in summary.items()},
+        out / FIGURES[1], ylabel="final accuracy (all documents)",
+        title=f"carry vs reset ({seeds})",
+        errors={label: {c: s[f"{c}_final_accuracy"]["std"] for c in CONDITIONS}
+                for label, s in summary.items()},
+    )  # fmt: skip

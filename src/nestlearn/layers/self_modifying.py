@@ -11,8 +11,10 @@ The initial weights of every memory, the fixed maps (``W_q``; ``W_k``, ``W_v`` i
 ablations), the gate biases and the per-head momentum are meta-parameters: the outer loss
 back-propagates through the inner updates into them. SPEC §5's ablations are switches:
 ``dgd=False`` (plain GD), ``momentum=False``, ``retention=False``, ``fixed_k``, ``fixed_v``,
-``objective="dot"``, ``variant="fully_adaptive"``; ``adaptive_q`` and ``read="chunk_start"`` are
-options. ``ema_momentum=True`` (default) writes the inner momentum as an average of past steps,
+``fixed_eta``, ``fixed_alpha`` (the gate from a fixed learned linear map of the input,
+``η_t = softplus(x_t w_η + b_η)·scale``, instead of the memory ``M_η``), ``objective="dot"``,
+``variant="fully_adaptive"``; ``adaptive_q`` and ``read="chunk_start"`` are options.
+``ema_momentum=True`` (default) writes the inner momentum as an average of past steps,
 ``S_t = μ S_{t−1} − (1 − μ) η_t g_t``, and ``normalize_v=True`` (default) normalizes ``v_t``, the
 input of the self-generated targets, like ``k_t`` and ``q_t``; ``False`` for both is the earlier
 form, which diverges on long runs of repeated tokens. Decisions: ``docs/self-modifying-titans.md``.
@@ -70,6 +72,8 @@ class SelfModifyingTitansMixer(nn.Module):
         adaptive_q: bool = False,
         fixed_k: bool = False,
         fixed_v: bool = False,
+        fixed_eta: bool = False,
+        fixed_alpha: bool = False,
         objective: str = "l2",
         variant: str = "self_modifying",
         read: str = "per_token",
@@ -120,15 +124,21 @@ class SelfModifyingTitansMixer(nn.Module):
         width = n_heads * head_dim
         self.in_proj = nn.Linear(d_model, width, bias=False)
         self.conv = ShortConv(width, conv_size) if conv_size > 0 else None
-        adaptive = {"k": not fixed_k, "v": not fixed_v, "q": adaptive_q}
-        names = [n for n in ("k", "v", "q") if adaptive[n]] + ["eta"]
-        names += ["alpha"] if retention else []
+        if fixed_k and fixed_v and fixed_eta and (fixed_alpha or not retention):
+            raise ValueError(
+                f"{type(self).__name__}: fixed_k, fixed_v, fixed_eta (and fixed_alpha) all set "
+                "leaves no self-modifying memory besides M_mem; keep one of them adaptive"
+            )
+        adaptive = {"k": not fixed_k, "v": not fixed_v, "q": adaptive_q, "eta": not fixed_eta}
+        if retention:
+            adaptive["alpha"] = not fixed_alpha
+        names = [n for n in ("k", "v", "q", "eta", "alpha") if adaptive.get(n)]
         self.memories = nn.ModuleDict(
             {name: self._memory(1 if name in GATES else head_dim) for name in [*names, "mem"]}
         )
         self.projections = nn.ParameterDict(
             {
-                n: nn.Parameter(torch.empty(n_heads, head_dim, head_dim))
+                n: nn.Parameter(torch.empty(n_heads, 1 if n in GATES else head_dim, head_dim))
                 for n in adaptive
                 if not adaptive[n]
             }
@@ -150,13 +160,15 @@ class SelfModifyingTitansMixer(nn.Module):
 
     def reset_memory_parameters(self) -> None:
         """Memories start close to their skip: first map ``N(0, 1/D)``, the others 10x smaller;
-        fixed maps ``N(0, 1/D)``; ``η = eta_scale``, ``α ≈ 0.98``, ``μ = 0.5`` at start."""
+        fixed maps ``N(0, 1/D)`` (a fixed gate's 10x smaller, as a gate memory's skip);
+        ``η = eta_scale``, ``α ≈ 0.98``, ``μ = 0.5`` at start."""
         for weights in self.memories.values():
             for i, weight in enumerate(weights):
                 std = 1.0 / math.sqrt(weight.shape[-1])
                 nn.init.normal_(weight, std=std if i == 0 else 0.1 * std)
-        for weight in self.projections.values():
-            nn.init.normal_(weight, std=1.0 / math.sqrt(self.head_dim))
+        for name, weight in self.projections.items():
+            scale = 0.1 if name in GATES else 1.0
+            nn.init.normal_(weight, std=scale / math.sqrt(self.head_dim))
         nn.init.constant_(self.eta_bias, ETA_BIAS)
         if self.alpha_bias is not None:
             nn.init.constant_(self.alpha_bias, ALPHA_BIAS)

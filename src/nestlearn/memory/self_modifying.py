@@ -85,7 +85,8 @@ class SelfModifyingParams(NamedTuple):
     """The meta-learned (outer-level) tensors, per head ``H``, memory width ``D``."""
 
     memories: Mapping[str, Sequence[torch.Tensor]]  # initial weights [H, out, in] per memory
-    projections: Mapping[str, torch.Tensor]  # fixed maps [H, D, D] for q (and k, v when fixed)
+    # fixed maps [H, D, D] for q (and k, v when fixed); [H, 1, D] for the gates η, α when fixed
+    projections: Mapping[str, torch.Tensor]
     eta_bias: torch.Tensor  # [H]
     alpha_bias: torch.Tensor | None  # [H]; None (and no "alpha" memory): no retention
     mu: torch.Tensor | float | None  # [H] momentum per head; None: no momentum
@@ -190,16 +191,22 @@ def self_modifying_chunk(
     w, s, wc = (
         bank_layout.pack(lay, {n: getattr(memories[n], f) for n in names}) for f in ("w", "s", "wc")
     )
-    pos = memories["eta"].pos
+    pos = memories[names[0]].pos
     sizes = dgd_mlp.segment_sizes(T, options.other_chunk_size, pos)
     mu_parts = [None] * len(sizes) if mu is None else mu.split(sizes, dim=1)
-    # The fixed maps read the input, not a memory: once for the whole sequence.
-    fixed_tokens = {n: _token_of(n, torch.bmm(flat, W.mT), options) for n, W in fixed.items()}
+    # The fixed maps read the input, not a memory: once for the whole sequence (a fixed gate's
+    # raw read joins the memories' raw reads, to be squashed with them).
+    fixed_raw = {n: torch.bmm(flat, W.mT) for n, W in fixed.items()}
+    fixed_tokens = {n: _token_of(n, r, options) for n, r in fixed_raw.items() if n not in GATES}
     fixed_parts = {n: t.split(sizes, dim=1) for n, t in fixed_tokens.items()}
+    gate_parts = {n: r.split(sizes, dim=1) for n, r in fixed_raw.items() if n in GATES}
     parts: dict[str, list] = {name: [] for name in ("k", "v", "q", "eta", "alpha")}
     for i, (x_n, mu_n) in enumerate(zip(flat.split(sizes, dim=1), mu_parts, strict=True)):
         given = {n: p[i] for n, p in fixed_parts.items()}
-        tokens, w, s = _others_segment(x_n, mu_n, w, s, wc, lay, opts, params, given, options)
+        raw_gates = {n: p[i] for n, p in gate_parts.items()}
+        tokens, w, s = _others_segment(
+            x_n, mu_n, w, s, wc, lay, opts, params, given, options, raw_gates
+        )
         for name, value in tokens.items():
             if name not in fixed_tokens:
                 parts[name].append(value)
@@ -238,11 +245,14 @@ def _others_segment(
     params: SelfModifyingParams,
     fixed: Mapping[str, torch.Tensor],
     options: SelfModifyingOptions,
+    raw_gates: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
     """One chunk segment of the other memories (a :mod:`~nestlearn.memory.dgd.bank`), tokens
     ``x [N, n, D]``: their ``k, v, q, η, α`` from the chunk-start weights ``wc`` (``fixed``: the
-    tokens of the fixed maps, given), then the bank's weights and momenta after writing them."""
+    tokens of the fixed maps, given; ``raw_gates``: the raw reads of fixed gates, given), then the
+    bank's weights and momenta after writing them."""
     raw = dict(zip(lay.names, bank.read(lay, wc, x, opts, fused=options.fused_bank), strict=True))
+    raw.update(raw_gates or {})
     tokens = _finish(raw, params, options, len(x) // len(params.eta_bias))
     tokens.update(fixed)
     targets = None
@@ -428,25 +438,30 @@ def _check_params(
     unknown = set(params.memories) - set(MEMORIES)
     if unknown:
         raise ValueError(f"params.memories: unknown {sorted(unknown)}; allowed {list(MEMORIES)}")
-    for name in ("mem", "eta"):
-        if name not in params.memories:
-            raise ValueError(
-                f"params.memories: expected a memory {name!r}, got {sorted(params.memories)}"
-            )
-    for name in ("k", "v", "q"):
+    if "mem" not in params.memories:
+        raise ValueError(f"params.memories: expected a memory 'mem', got {sorted(params.memories)}")
+    if not set(OTHERS[:2] + GATES) & set(params.memories):
+        raise ValueError(
+            "params.memories: at least one of k, v, eta, alpha must be a memory (the others "
+            "are written as one bank); got every one of them fixed"
+        )
+    gates = ("eta", "alpha") if params.alpha_bias is not None else ("eta",)
+    for name in ("k", "v", "q", *gates):
         if (name in params.memories) == (name in params.projections):
             raise ValueError(
                 f"{name}: expected either params.memories[{name!r}] (adaptive) or "
                 f"params.projections[{name!r}] (fixed), not both or neither"
             )
-    if set(params.projections) - {"k", "v", "q"}:
+    if set(params.projections) - {"k", "v", "q", *GATES}:
         raise ValueError(
-            f"params.projections: expected keys among k, v, q, got {sorted(params.projections)}"
+            "params.projections: expected keys among k, v, q, eta, alpha, got "
+            f"{sorted(params.projections)}"
         )
-    if ("alpha" in params.memories) != (params.alpha_bias is not None):
+    has_alpha = "alpha" in params.memories or "alpha" in params.projections
+    if has_alpha != (params.alpha_bias is not None):
         raise ValueError(
             "alpha: params.memories['alpha'] and params.alpha_bias go together (retention), "
-            "or neither (no retention)"
+            "or neither (no retention); a fixed α is params.projections['alpha']"
         )
     for name, weights in params.memories.items():
         expected = 3 if name in GATES else 2
@@ -467,9 +482,10 @@ def _check_params(
             f"written as one bank), got {hidden}"
         )
     for name, weight in params.projections.items():
-        if not isinstance(weight, torch.Tensor) or list(weight.shape) != [H, D, D]:
+        shape = [H, 1 if name in GATES else D, D]
+        if not isinstance(weight, torch.Tensor) or list(weight.shape) != shape:
             raise ValueError(
-                f"params.projections[{name!r}]: expected shape [H, D, D] = {[H, D, D]}, "
+                f"params.projections[{name!r}]: expected shape {shape} (H, out, D), "
                 f"got {mlp._describe(weight)}"
             )
     biases = (("eta_bias", params.eta_bias), ("alpha_bias", params.alpha_bias))
@@ -495,7 +511,7 @@ def _mu(params: SelfModifyingParams, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _fixed(params: SelfModifyingParams, B: int) -> dict[str, torch.Tensor]:
-    """The fixed per-head maps ``[B·H, D, D]``."""
+    """The fixed per-head maps ``[B·H, out, D]`` (``out = D``; 1 for a fixed gate)."""
     return {n: W.expand(B, *W.shape).flatten(0, 1) for n, W in params.projections.items()}
 
 

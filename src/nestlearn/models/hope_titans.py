@@ -6,9 +6,10 @@ MLP of every block, each with pre-norm and residual.
 Training runs the chunkwise forms of both (self-modifying Titans: :mod:`nestlearn.memory.
 self_modifying`; CMS: :mod:`nestlearn.memory.cms`); decoding carries every memory's state, so the
 memory per token is constant in the context length. Every ablation of SPEC §5 is a ``model.*``
-switch (``sm_dgd``, ``sm_momentum``, ``sm_retention``, ``fixed_k``, ``fixed_v``, ``adaptive_q``,
-``memory_objective``, ``variant``); "w/o CMS" is one CMS level that never updates in context
-(``cms_lrs=[0]`` is refused, so use ``cms_chunk_sizes=[<longer than any sequence>]``).
+switch (``sm_dgd``, ``sm_momentum``, ``sm_retention``, ``fixed_k``, ``fixed_v``, ``fixed_eta``,
+``fixed_alpha``, ``adaptive_q``, ``memory_objective``, ``variant``); "w/o CMS" is one CMS level
+that never updates in context (``cms_lrs=[0]`` is refused, so use ``cms_chunk_sizes=[<longer than
+any sequence>]``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class HopeConfig(CMSFields, ModelConfig):
     adaptive_q: bool = False  # q from a memory M_q instead of a fixed projection
     fixed_k: bool = False  # k from a fixed projection (the "w/o inner k projection" ablation)
     fixed_v: bool = False  # v from a fixed projection (the "w/o inner v projection" ablation)
+    fixed_eta: bool = False  # η_t from a fixed learned linear map of x instead of the memory M_η
+    fixed_alpha: bool = False  # α_t from a fixed learned linear map of x instead of M_α
     variant: str = "self_modifying"  # or "fully_adaptive" (all memories regress onto (k, v))
     read: str = "per_token"  # M_mem read: "per_token" (dual form) or "chunk_start" (cheaper)
     eta_scale: float = 0.1  # η_t = softplus(M_η(x)) · eta_scale
@@ -81,6 +84,8 @@ class HopeModel(HopeLM):
                 adaptive_q=config.adaptive_q,
                 fixed_k=config.fixed_k,
                 fixed_v=config.fixed_v,
+                fixed_eta=config.fixed_eta,
+                fixed_alpha=config.fixed_alpha,
                 objective=config.memory_objective,
                 variant=config.variant,
                 read=config.read,
