@@ -311,7 +311,7 @@ _CHOICES = {
         "m3",
     ),
     ("optim", "schedule"): ("cosine", "constant"),
-    ("train", "precision"): ("auto", "fp32", "bf16"),
+    ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("train", "compile_mode"): (
         "default",
         "reduce-overhead",

@@ -94,7 +94,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0  # model init and batch sampling
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    precision: str = "auto"  # "auto" (bf16 autocast where supported), "fp32" or "bf16"
+    # "auto" (bf16 autocast where supported, else fp32), "fp32", "bf16", or "fp16" (autocast with
+    # loss scaling: torch.amp.GradScaler; not with parallel=fsdp)
+    precision: str = "auto"
     threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)
     log_every: int = 10  # steps between train-loss records
     eval_every: int = 200  # steps between validations (0 = only at the end)

@@ -148,8 +148,15 @@ def setup_parallel(tc: TrainConfig) -> tuple[DistEnv, Runtime]:
     """Resolve the mode; under torchrun pick this rank's device and join the process group.
 
     The backend is nccl on CUDA and gloo on CPU. A process group that already exists (a caller
-    initialised it) is used as is and left for the caller to destroy.
+    initialised it) is used as is and left for the caller to destroy. ``fp16`` with ``fsdp`` is
+    refused (its loss scaler would need ``ShardedGradScaler``); fp16 under ddp is supported.
     """
+    if tc.parallel == "fsdp" and tc.precision == "fp16":
+        raise ConfigError(
+            "train.precision=fp16 does not run with train.parallel=fsdp (its sharded gradients "
+            "need a ShardedGradScaler, not wired in); use train.precision=bf16 (or fp32) with "
+            "fsdp, or train.parallel=ddp with fp16"
+        )
     _, world_size, local_rank = launch_env()
     mode = resolve_parallel(tc.parallel, world_size)
     if mode == "none":

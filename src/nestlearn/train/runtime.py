@@ -12,16 +12,19 @@ import torch
 from nestlearn.config.schema import TrainConfig
 from nestlearn.errors import ConfigError
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    precision: str  # "fp32" or "bf16" (autocast)
+    precision: str  # "fp32", "bf16" or "fp16" (autocast; fp16 with loss scaling)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on the run's device, or a no-op in fp32."""
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        """bf16 or fp16 autocast on the run's device, or a no-op in fp32."""
+        if self.precision in AUTOCAST_DTYPES:
+            dtype = AUTOCAST_DTYPES[self.precision]
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
 
@@ -41,7 +44,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 autocast on CUDA devices that support it, fp32 elsewhere.
 
     On CPU, bf16 autocast is slower than fp32 on most machines and breaks bit-exact comparisons,
-    so it is used only when asked for explicitly.
+    so it is used only when asked for explicitly. ``fp16`` is never chosen by ``auto``: it
+    needs loss scaling (:mod:`nestlearn.train.loss_scaling`) and is for GPUs without bf16.
     """
     if precision == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

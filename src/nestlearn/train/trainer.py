@@ -2,8 +2,9 @@
 
 Exactness: the batch of step ``s`` is a pure function of ``(train.seed, s)`` (see
 :func:`nestlearn.data.train_batch`), and a checkpoint holds the weights, optimizer and scheduler
-state, every RNG and the loop's own accumulators. Resuming from step ``N`` therefore replays steps
-``N+1..`` exactly as an uninterrupted run would (on the same device and thread count).
+state, every RNG, the loop's own accumulators and (fp16) the loss scaler's state. Resuming from
+step ``N`` therefore replays steps ``N+1..`` exactly as an uninterrupted run would (on the same
+device and thread count).
 
 Data parallelism (``train.parallel``, docs/distributed.md): under ``torchrun`` every rank runs
 this loop on its rows of the global batch (:mod:`nestlearn.train.distributed`); losses and
@@ -80,6 +81,7 @@ from nestlearn.train.distributed import (
 )
 from nestlearn.train.faults import fault_point
 from nestlearn.train.level_steps import LevelSteps
+from nestlearn.train.loss_scaling import MIN_SCALE, make_grad_scaler
 from nestlearn.train.metrics import MetricsLog, read_metrics
 from nestlearn.train.optim import build_optimizer, build_scheduler
 from nestlearn.train.report import markdown_table, plot_losses, write_markdown
@@ -171,12 +173,15 @@ def make_trainer_state(
     loss_sum: float = 0.0,
     loss_count: int = 0,
     data_fingerprint: dict[str, Any] | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any]:
     """Everything besides the weights that a checkpoint needs to resume exactly at ``step``
     (also what a converted model is saved with at step 0, see ``nestlearn.convert``).
     ``data_fingerprint`` (:func:`nestlearn.data.data_fingerprint`) is what resume checks the
-    data against."""
+    data against. ``grad_scaler`` (fp16 runs): its scale and growth count are saved too."""
     extra = {} if level_steps is None else {"level_steps": level_steps.state_dict()}
+    if grad_scaler is not None:
+        extra["grad_scaler"] = grad_scaler.state_dict()
     data = {"fingerprint": data_fingerprint} if data_fingerprint else {}
     return {
         **extra,
@@ -263,6 +268,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.steps)
         # Parameters stepped every p optimizer steps (SPEC §4 outer level); None when off.
         self.level_steps = LevelSteps.from_spec(self.model, self.cfg.train.level_periods)
+        # fp16 only (None otherwise): loss scaling, overflowing steps skipped and retried.
+        self.grad_scaler = make_grad_scaler(self.runtime.precision, self.runtime.device)
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
@@ -333,6 +340,8 @@ class Trainer:
             if self.level_steps is not None and "level_steps" in state:
                 self.level_steps.load_state_dict(state["level_steps"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
@@ -356,6 +365,7 @@ class Trainer:
             loss_sum=self._loss_sum,
             loss_count=self._loss_count,
             data_fingerprint=self.corpus.data_fingerprint,
+            grad_scaler=self.grad_scaler,
         )
 
     def save(self) -> Path:
@@ -431,6 +441,12 @@ class Trainer:
 
         Under data parallelism each rank trains on its rows of the global micro-batch and the
         returned loss is the mean over ranks (the single-process loss of the whole batch).
+
+        fp16 (:mod:`nestlearn.train.loss_scaling`): the backward runs on the scaled loss and the
+        gradients are unscaled before clipping, level periods and the optimizer. Gradients with
+        inf/nan skip the step: nothing but the scale changes (halved), ``self.step`` stays, so
+        the caller's next call retries the same batch; the returned grad norm is then non-finite.
+        Below ``MIN_SCALE`` a non-finite gradient raises as in fp32.
         """
         tc = self.cfg.train
         self.model.train()
@@ -460,15 +476,29 @@ class Trainer:
                 value = self.dist.mean(float(loss.detach()))
                 if not math.isfinite(value):
                     raise self._non_finite("the training loss", value, x)
-                (loss / tc.grad_accum).backward()
+                scaled = loss / tc.grad_accum
+                if self.grad_scaler is not None:
+                    scaled = self.grad_scaler.scale(scaled)
+                scaled.backward()
             total += value / tc.grad_accum
+        scaler = self.grad_scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # true gradients from here on
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_gradients(self.model.parameters(), clip)
         if not math.isfinite(grad_norm):
-            raise self._non_finite("the gradient norm", grad_norm)
+            if scaler is None or scaler.get_scale() <= MIN_SCALE:
+                raise self._non_finite("the gradient norm", grad_norm)
+            scaler.update()  # overflow: halve the scale; no parameter or schedule moves
+            self.optimizer.zero_grad(set_to_none=True)
+            return total, grad_norm
         if self.level_steps is not None:
             self.level_steps.apply(self.step)
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)  # steps: unscale_ found every gradient finite
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += tc.grad_accum * tc.batch_size * tc.seq_len
@@ -566,8 +596,11 @@ class Trainer:
         deadline = time.monotonic() + tc.max_minutes * 60 if tc.max_minutes > 0 else None
         with _StopRequest() as stop, bar:
             while self.step < tc.steps:
-                start = time.perf_counter()
+                start, step = time.perf_counter(), self.step
                 loss, grad_norm = self.train_step()
+                if self.step == step:  # fp16 overflow: skipped, same batch at half the scale
+                    self.train_seconds += time.perf_counter() - start
+                    continue
                 fault_point("after_step", self.step)
                 elapsed = time.perf_counter() - start
                 self.train_seconds += elapsed
@@ -587,6 +620,7 @@ class Trainer:
                             "lr": self.scheduler.get_last_lr()[0],
                             "grad_norm": grad_norm,
                             "tokens_per_s": tps,
+                            **self._scale_record(),
                         }
                     )
                     bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
@@ -625,6 +659,10 @@ class Trainer:
         if self.dist.is_main:
             self.write_report(result)
         return result
+
+    def _scale_record(self) -> dict[str, float]:
+        """fp16: the loss scale after this step (halved by each skipped step), for the log."""
+        return {} if self.grad_scaler is None else {"loss_scale": self.grad_scaler.get_scale()}
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
