@@ -85,6 +85,8 @@ def test_figures_draw_spreads(tmp_path):
         {"m1": {"x": 1.0, "y": 2.0}, "m2": {"x": 1.5, "y": None}}, tmp_path / "b.png",
         ylabel="v", errors={"m1": {"x": 0.1, "y": None}},
     )  # fmt: skip
+    plot_bars({"a": {"d": 25.0}, "b": {"d": -0.1}}, tmp_path / "s.png", ylabel="d", symlog=1.0)
+    assert (tmp_path / "s.png").stat().st_size > 0
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
 
 

@@ -187,9 +187,12 @@ def plot_bars(
     ylabel: str,
     title: str = "",
     errors: Mapping[str, Mapping[str, float | None]] | None = None,
+    symlog: float | None = None,
 ) -> None:
     """Grouped bars: one group per key of ``groups``, one bar per inner key; ``errors`` (same
-    keys) draws ± that value (the standard deviation over seeds) as an error bar."""
+    keys) draws ± that value (the standard deviation over seeds) as an error bar. ``symlog``:
+    a y axis linear within ± that value and logarithmic beyond (one huge bar then leaves the
+    small ones readable)."""
     plt = _pyplot()
     kinds = list(dict.fromkeys(k for bars in groups.values() for k in bars))
     width = 0.8 / max(1, len(kinds))
@@ -205,6 +208,9 @@ def plot_bars(
         ax.bar_label(bars, fmt="%.4g", fontsize=7)
     ax.set_xticks(range(len(groups)), list(groups), fontsize=9)
     ax.set_ylabel(ylabel)
+    if symlog is not None:
+        ax.set_yscale("symlog", linthresh=symlog)
+        ax.axhline(0.0, color="0.3", lw=0.8)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:

@@ -230,8 +230,8 @@ def write_tables(args: argparse.Namespace, out: Path, records: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     if bars:
-        plot_bars(bars, out / "ablations.png", errors=errors,
-                  ylabel="Δ perplexity vs full HOPE (> 0: ablation hurts)",
+        plot_bars(bars, out / "ablations.png", errors=errors, symlog=1.0,
+                  ylabel="Δ perplexity vs full HOPE (> 0: hurts; symlog)",
                   title=f"HOPE ablations, {label}")  # fmt: skip
         figures.append("ablations.png")
     results = [records[k] for k in sorted(records, key=lambda k: (list(VARIANTS).index(k[0]),
