@@ -21,13 +21,12 @@ decoder strips again, so :meth:`token_byte_lengths` counts one byte more per tex
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from nestlearn.data.tokenizer import Tokenizer
+from nestlearn.data.tokenizer import TokenizersBacked
 from nestlearn.errors import DataError
 
 # In order of preference: each family's end-of-document token (GPT-2/Qwen2, Llama 3, Llama 2 and
@@ -61,7 +60,7 @@ def tokenizer_family(spec: dict) -> str | None:
     return None
 
 
-class PretrainedTokenizer(Tokenizer):
+class PretrainedTokenizer(TokenizersBacked):
     """A pretrained model's `tokenizers.Tokenizer` (a family of :func:`tokenizer_family`).
 
     ``kind`` is ``bpe`` (what ``data.tokenizer`` records); the saved JSON is the `tokenizers`
@@ -97,16 +96,6 @@ class PretrainedTokenizer(Tokenizer):
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         # Text that contains a special token's string stays text (not part of the saved JSON).
         tok.encode_special_tokens = True
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
-        return [e.ids for e in encodings]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def _piece_bytes(self, token: str) -> int:
         """UTF-8 bytes of text a vocabulary entry stands for."""

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,25 @@ class ByteTokenizer(Tokenizer):
         return json.dumps({"format": BYTE_FORMAT, "version": 1, "eos": EOS}, sort_keys=True)
 
 
-class BPETokenizer(Tokenizer):
+class TokenizersBacked(Tokenizer):
+    """Encoding and decoding through a ``tokenizers.Tokenizer`` held as ``self._tok``: special
+    tokens are neither added nor skipped."""
+
+    _tok: Any
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # The Rust side encodes the batch on all cores; "fast" skips the offsets we never use.
+        encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+class BPETokenizer(TokenizersBacked):
     """A byte-level BPE (a `tokenizers.Tokenizer`) with ``<|endoftext|>`` as its special token.
 
     Byte-level means the pre-tokenizer maps each UTF-8 byte to one printable character before
@@ -161,17 +180,6 @@ class BPETokenizer(Tokenizer):
         texts = [d.text for d in cap_bytes(docs, max_bytes, seed)]
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
         return cls(tok)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # The Rust side encodes the batch on all cores; "fast" skips the offsets we never use.
-        encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
-        return [e.ids for e in encodings]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
 
     @cached_property
     def _byte_lengths(self) -> np.ndarray:

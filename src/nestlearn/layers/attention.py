@@ -62,10 +62,7 @@ class CausalSelfAttention(nn.Module):
             return self._forward_padded(x, cos, sin, cache, pos, lead)
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
-        v = v.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
+        q, k, v = self._heads(x)
         if cos is not None:
             q = apply_rope(q, cos, sin, offset=pos)
             k = apply_rope(k, cos, sin, offset=pos)
@@ -94,6 +91,16 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H·D]
         return self.out(y)
 
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, H, T, D]`` and k, v ``[B, H_kv, T, D]`` of ``x [B, T, d_model]``."""
+        B, T, _ = x.shape
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, H_kv, D).transpose(1, 2)
+        v = v.view(B, T, H_kv, D).transpose(1, 2)
+        return q, k, v
+
     def _forward_padded(
         self,
         x: torch.Tensor,
@@ -106,10 +113,7 @@ class CausalSelfAttention(nn.Module):
         """:meth:`forward` with per-row left padding ``lead [B]`` (see there)."""
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
-        v = v.view(B, T, H_kv, D).transpose(1, 2)  # [B, H_kv, T, D]
+        q, k, v = self._heads(x)
         end = pos + T
         query_pos = torch.arange(pos, end, device=x.device)  # [T]
         if cos is not None:
