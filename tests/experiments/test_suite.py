@@ -420,3 +420,41 @@ def test_a_broken_scheduler_leaves_no_child_running(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         run_parts([quick, slow], runner, jobs=2, done={}, on_event=broken)
     assert time.monotonic() - start < 30  # the sleeping child was killed, not waited for
+
+
+FOLLOW_SPECS = [
+    ExperimentSpec("perplexity", ("m1", "m2"), "--models", minutes=0.1),
+    # continual's units are the longest: without the order they would start first.
+    ExperimentSpec("continual", ("m1", "m1+level_periods", "m2"), "--models", minutes=30.0),
+]
+
+
+@pytest.fixture
+def level_periods_scores(monkeypatch):
+    monkeypatch.setitem(SCORES, "m1+level_periods", [1.5, 2.5])
+
+
+def test_continual_units_wait_for_the_perplexity_unit_of_their_model(
+    tmp_path, level_periods_scores
+):
+    parts = {p.key: p for p in plan_parts(FOLLOW_SPECS, _options(tmp_path))}
+    assert parts["continual/m1"].after == ("perplexity/m1",)
+    assert parts["continual/m1+level_periods"].after == ("perplexity/m1",)
+    assert parts["continual/m2"].after == ("perplexity/m2",)
+    assert parts["perplexity/m1"].after == () and parts["continual"].after == ()
+    runner = FakeRunner()
+    assert _run(_options(tmp_path, jobs=1), runner, specs=FOLLOW_SPECS)[0] == 0
+    order = [key for key, _ in runner.calls]
+    for unit in ("m1", "m1+level_periods", "m2"):
+        source = f"perplexity/{unit.split('+')[0]}"
+        assert order.index(source) < order.index(f"continual/{unit}")
+
+
+def test_continual_run_alone_waits_for_nothing(tmp_path, level_periods_scores):
+    parts = plan_parts(FOLLOW_SPECS, _options(tmp_path, only=("continual",)))
+    assert parts and all(p.after == () for p in parts)
+    runner = FakeRunner()
+    assert _run(_options(tmp_path, only=("continual",)), runner, specs=FOLLOW_SPECS)[0] == 0
+    assert sorted(k for k, _ in runner.calls) == [
+        "continual", "continual/m1", "continual/m1+level_periods", "continual/m2",
+    ]  # fmt: skip

@@ -21,6 +21,7 @@ gated_deltanet, transformer), each seed one resumable unit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -91,18 +92,23 @@ CPU_SIZES = {
     "gated_deltanet": ["model.mlp_hidden=240"],
     "transformer": ["model.mlp_hidden=256"],
 }
+# ``--pretrained auto``: the perplexity experiment's folder beside ``--out`` (``DIR/continual`` ->
+# ``DIR/perplexity``, as the suite lays them out); ``none``: fresh, randomly initialised models.
+PRETRAINED_AUTO, PRETRAINED_NONE = "auto", "none"
 # Defaults by scale. tiny: the protocol measured in docs/experiments-continual.md on each model's
-# NAME-tiny config; cpu: the suite's (all default models x 3 seeds in about 22 CPU-minutes).
+# NAME-tiny config; cpu: the suite's, fine-tuning the perplexity experiment's trained models (all
+# default models x 3 seeds in about 30 CPU-minutes; fresh models at 32 steps a task stayed at
+# chance within every task, docs/experiments-continual.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "train_per_class": 24, "test_per_class": 12, "steps_per_task": 60, "batch_size": 16,
         "lr": 1e-3, "prompt_len": 96, "eval_batch_size": 32, "default_overrides": [],
-        "model_sizes": {},
+        "model_sizes": {}, "pretrained": PRETRAINED_NONE,
     },
     "cpu": {
-        "train_per_class": 24, "test_per_class": 6, "steps_per_task": 32, "batch_size": 16,
-        "lr": 3e-3, "prompt_len": 64, "eval_batch_size": 32, "default_overrides": CPU_SHARED,
-        "model_sizes": CPU_SIZES, "n_seeds": 3,
+        "train_per_class": 24, "test_per_class": 6, "steps_per_task": 128, "batch_size": 8,
+        "lr": 1e-3, "prompt_len": 64, "eval_batch_size": 32, "default_overrides": CPU_SHARED,
+        "model_sizes": CPU_SIZES, "n_seeds": 3, "pretrained": PRETRAINED_AUTO,
     },
 }  # fmt: skip
 
@@ -297,8 +303,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, help="tiny: 1e-3")
     run.add_argument("--prompt-len", type=int, help="tokens per prompt (tiny: 96)")
     run.add_argument("--eval-batch-size", type=int, help="tiny: 32")
+    run.add_argument(
+        "--pretrained", metavar="DIR|auto|none",
+        help="start each model from its run (same architecture and seed) of `nestlearn "
+        "experiment perplexity --preset cpu --out DIR`, training that run first if it is "
+        "missing; auto: the perplexity folder beside --out; none: fresh models (tiny: none, "
+        "cpu: auto)",
+    )  # fmt: skip
     add_run_args(parser, f"runs/experiments/{NAME}")
     return parser
+
+
+def pretrained_folder(args: argparse.Namespace) -> Path | None:
+    """The perplexity experiment's folder the models start from (``--pretrained``), or None for
+    fresh models."""
+    choice = args.pretrained or PRETRAINED_NONE
+    if choice == PRETRAINED_NONE:
+        return None
+    if choice == PRETRAINED_AUTO:
+        return Path(args.out).parent / "perplexity"
+    return Path(choice)
+
+
+def setup_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
@@ -316,6 +345,13 @@ def run_one(args: argparse.Namespace, spec: ModelSpec, seed: int) -> dict[str, A
     """One unit: spec's model, seeded by ``seed`` (init, class order, samples, batches)."""
     n_tasks, per_task = check_args(args)
     data = load_data(args, n_tasks * per_task, seed)
+    start = pretrained_folder(args)
+    if start is not None and spec.checkpoint is None:
+        from nestlearn.experiments.perplexity import pretrained_run
+
+        setup_threads(args)
+        run_dir = pretrained_run(start, spec.name or "", seed, device=args.device)
+        spec = dataclasses.replace(spec, checkpoint=str(run_dir), overrides=())
     source = build(spec, args, seed)
     tasks = make_tasks(data, n_tasks, per_task, args.train_per_class, args.test_per_class, seed)
     scorer = LabelScorer(source.model, source.tokenizer, args.prompt_len)
@@ -328,6 +364,7 @@ def run_one(args: argparse.Namespace, spec: ModelSpec, seed: int) -> dict[str, A
     result = run_continual(learner, tasks, progress=progress)
     return {
         "source": source.name,
+        "pretrained": spec.checkpoint is not None,
         "parameters": parameter_count(source),
         "level_periods": spec.level_periods,
         "data": args.data,

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
-from nestlearn.errors import ConfigError
+from nestlearn.config.schema import RunConfig
+from nestlearn.errors import ConfigError, RunLockedError
 from nestlearn.eval.figures import plot_bars, plot_curves
 from nestlearn.eval.results import write_result
 from nestlearn.eval.streaming import MODES
@@ -40,9 +42,11 @@ from nestlearn.experiments import lm_runs
 from nestlearn.experiments.model_source import add_run_args, apply_preset, setup
 from nestlearn.experiments.seeds import format_spread, seeds_label, spread
 from nestlearn.experiments.units import run_unit, unit_settings
+from nestlearn.train.checkpoint_folders import checkpoint_step, list_checkpoints
 
 DEFAULT_MODELS = ("hope", "hope_attention", "titans_lmm", "gated_deltanet", "transformer")
 METRICS = lm_runs.METRICS
+LOCK_POLL_SECONDS = 10.0
 # The suite's LM protocol (docs/experiments.md): byte-level stdlib, 2 blocks of width 64, 1024
 # tokens a step; sized so 5 models x 3 seeds cost about 35 CPU-minutes at --threads 1.
 CPU_SETS = (
@@ -145,6 +149,50 @@ def main(argv: list[str]) -> int:
         print(unit_line(record))
     write_tables(args, out, results)
     return 0
+
+
+def pretrained_run(
+    out: Path, name: str, seed: int, *, preset: str = "cpu", device: str = "auto"
+) -> Path:
+    """The run folder of architecture ``name`` at ``seed`` of ``nestlearn experiment perplexity
+    --preset PRESET --out OUT`` (the default models, equal widths), trained there first when it
+    is missing or unfinished (reused when finished; :func:`lm_runs.train_run`): the pretrained
+    start of the continual-learning experiment."""
+    args = apply_preset(
+        build_parser().parse_args(["--preset", preset, "--out", str(out), "--no-progress"]),
+        PRESETS,
+    )
+    args.preset_sets = list(getattr(args, "preset_sets", None) or [])
+    args.device = device
+    if name not in DEFAULT_MODELS:
+        raise ConfigError(
+            f"{name}: the perplexity experiment trains only {', '.join(DEFAULT_MODELS)}; "
+            "start it fresh (--pretrained none) instead"
+        )
+    widths = equal_widths(args, run_configs(args, list(DEFAULT_MODELS), seed=0, out=out))
+    cfg = cfg_of(args, name, seed, out, widths)
+    run_dir = Path(cfg.train.out_dir)
+    # Another process may be training the same run (the suite's ``hope`` and
+    # ``hope+level_periods`` continual units share it): wait for it, then reuse its result.
+    while not finished_run(run_dir, cfg):
+        try:
+            lm_runs.train_run(cfg)
+            break
+        except RunLockedError as busy:
+            print(f"waiting for the pretrained run: {busy}", flush=True)
+            time.sleep(LOCK_POLL_SECONDS)
+    return run_dir
+
+
+def finished_run(run_dir: Path, cfg: RunConfig) -> bool:
+    """True if ``run_dir`` holds ``cfg``'s run with a checkpoint at its last step (read only: a
+    finished run is reused without taking its lock)."""
+    found = list_checkpoints(run_dir)
+    return (
+        bool(found)
+        and checkpoint_step(found[-1]) >= cfg.train.steps
+        and (lm_runs.same_run(run_dir, cfg))
+    )
 
 
 def run_configs(args: argparse.Namespace, names: list[str], seed: int, out: Path) -> dict:

@@ -17,6 +17,7 @@ its models by :data:`MODEL_WEIGHT`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ SUITE_EXPERIMENTS = ("perplexity", "ablations", "mqar", "niah", "continual", "te
 # The models every experiment compares (issue 15 contract); used when a module names none.
 SUITE_MODELS = ("hope", "hope_attention", "titans_lmm", "gated_deltanet", "transformer")
 # Expected CPU-minutes of a whole experiment (all models, 3 seeds, one thread): the budgets of
-# the experiments' ``--preset cpu`` (146 in all: under 90 minutes on 2 cores, side by side).
+# the experiments' ``--preset cpu`` (154 in all: under 90 minutes on 2 cores, side by side).
 BUDGET_MINUTES: dict[str, float] = {
-    "perplexity": 35, "ablations": 40, "mqar": 22, "niah": 18, "continual": 22, "test_time": 13,
+    "perplexity": 35, "ablations": 40, "mqar": 22, "niah": 18, "continual": 30, "test_time": 13,
 }  # fmt: skip
 # Relative cost of a model's unit within an experiment, until measured times replace it.
 # Relative CPU cost per unit, measured at the cpu presets (2026-12-07: HOPE about 8x the
@@ -38,6 +39,10 @@ MODEL_WEIGHT: dict[str, float] = {
     "gated_deltanet": 1.5, "transformer": 1.0,
 }  # fmt: skip
 ASSEMBLE_MINUTES = 0.5
+# Experiments that start from another's results: continual learning fine-tunes the perplexity
+# experiment's trained models (``continual --pretrained auto``), so its unit for model M starts
+# after perplexity's unit for M has ended (when both are in the plan).
+FOLLOWS: dict[str, str] = {"continual": "perplexity"}
 # Module attributes naming an experiment's units, with the flag that selects one of them.
 UNIT_SOURCES = (
     ("DEFAULT_VARIANTS", "--variants"),
@@ -72,6 +77,7 @@ class Part:
     unit: str | None = None
     unit_flag: str = "--models"
     requires: tuple[str, ...] = field(default=())
+    after: tuple[str, ...] = field(default=())  # parts that must end before it starts
 
     @property
     def assembles(self) -> bool:
@@ -166,7 +172,24 @@ def plan_parts(
         full = (*args, spec.unit_flag, *spec.units)
         est = measured.get(spec.name, ASSEMBLE_MINUTES * 60)
         parts.append(Part(spec.name, spec.name, full, est, None, spec.unit_flag, tuple(keys)))
-    return sorted(parts, key=lambda p: (p.assembles, -p.estimate_s))
+    return sorted(_order_after(parts), key=lambda p: (p.assembles, -p.estimate_s))
+
+
+def _order_after(parts: list[Part]) -> list[Part]:
+    """Each part of an experiment in :data:`FOLLOWS` waits for the planned part it starts from:
+    the same model's unit (``hope+level_periods`` starts from ``hope``), or the whole experiment
+    when either runs unsplit. Parts not in the plan (``--only``) impose nothing."""
+    keys = {p.key for p in parts}
+    ordered = []
+    for part in parts:
+        source = FOLLOWS.get(part.experiment)
+        if source is None or part.assembles:
+            ordered.append(part)
+            continue
+        unit_key = f"{source}/{part.unit.split('+')[0]}" if part.unit else None
+        after = unit_key if unit_key in keys else source if source in keys else None
+        ordered.append(dataclasses.replace(part, after=(after,)) if after else part)
+    return ordered
 
 
 def assemble_args(part: Part, succeeded: Sequence[str]) -> tuple[str, ...] | None:

@@ -183,7 +183,7 @@ def run_parts(
 
 
 def _ready(waiting: list[Part], outcomes: Mapping[str, Outcome], free: int) -> list[Part]:
-    ready = [p for p in waiting if all(k in outcomes for k in p.requires)]
+    ready = [p for p in waiting if all(k in outcomes for k in (*p.requires, *p.after))]
     ready.sort(key=lambda p: (not p.assembles, -p.estimate_s))
     return ready[: max(0, free)]
 
