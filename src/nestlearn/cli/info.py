@@ -1,4 +1,5 @@
-"""``nestlearn info [CONFIG] [overrides] | --checkpoint DIR | --list``: parameters and config."""
+"""``nestlearn info [CONFIG] [overrides] [--cost] | --checkpoint DIR | --list``: parameters,
+levels, what a training step costs (FLOPs; ``--cost``: its time here) and the config."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from nestlearn.models.registry import available_models, build_model
 from nestlearn.models.summary import count_parameters, parameter_table
 from nestlearn.train.checkpoint import load_model
 from nestlearn.train.report import markdown_table
+from nestlearn.train.step_cost import measure_step_cost, step_flops
 
 
 def add_parser(sub, name: str) -> None:
@@ -23,6 +25,10 @@ def add_parser(sub, name: str) -> None:
     add_config_args(parser)
     parser.add_argument("--checkpoint", metavar="DIR", help="describe a trained checkpoint")
     parser.add_argument("--list", action="store_true", help="list named configs and models")
+    parser.add_argument(
+        "--cost", action="store_true",
+        help="time training steps of the config on this machine (random tokens, after a warm-up)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,5 +52,7 @@ def run(args: argparse.Namespace) -> int:
     rows.append(["total", count_parameters(model)])
     print(markdown_table(["component", "parameters"], rows))
     print(markdown_table(LEVEL_HEADERS, levels_rows(model.levels(cfg.optim.name))))
+    cost = measure_step_cost(cfg) if args.cost else step_flops(model, cfg)
+    print(cost.describe(cfg.train.steps) + "\n")
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return 0
