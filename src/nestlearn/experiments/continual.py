@@ -453,7 +453,8 @@ def render_table(
     """The metrics per model (mean ± std over seeds) and each model's accuracy matrix."""
     lines = [
         f"# Continual learning: {args.data}, {seeds_label(args.seeds)}\n",
-        "Mean ± sample standard deviation over seeds; `parameters`: the fresh model's count.\n",
+        "Mean ± sample standard deviation over seeds; `parameters`: the model's count (fresh, "
+        "or the pretrained run it starts from).\n",
         markdown_table(list(headers), [["—" if v is None else v for v in r] for r in rows]),
     ]
     for label, stats in summary.items():
