@@ -200,12 +200,11 @@ class SlidingWindowAttention(AttentionCore):
         B, T = x.shape[:2]
         if state is not None:
             self._check_state(state, B)
-        W, H, D = self.window, self.n_heads, self.head_dim
+        W = self.window
         pos = 0 if state is None else int(state["pos"])
         q_rot, q, k, v = self.project(x, pos)
-        if state is None:
-            ring_k = ring_v = k.new_zeros(B, H, W, D)
-        else:
+        ring_k = ring_v = None  # no state: an empty ring
+        if state is not None:
             ring_k, ring_v = state["k"].to(k.dtype), state["v"].to(v.dtype)
         # Position held by each slot: the latest s < pos with s ≡ slot (mod W); < 0 = empty.
         slots = torch.arange(W, device=x.device)
@@ -226,8 +225,8 @@ class SlidingWindowAttention(AttentionCore):
         self,
         q_rot: torch.Tensor,
         q: torch.Tensor,
-        ring_k: torch.Tensor,
-        ring_v: torch.Tensor,
+        ring_k: torch.Tensor | None,
+        ring_v: torch.Tensor | None,
         ring_pos: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -235,11 +234,17 @@ class SlidingWindowAttention(AttentionCore):
     ) -> torch.Tensor:
         """Block ``b`` of ``Bq`` queries attends over keys ``[b·Bq, b·Bq + W + Bq)`` of the
         extended sequence ``[ring (W); new (T, padded)]``: every key a query of the block can
-        see (the ring is only in block 0, whose keys cover it all, so its slot order is free)."""
+        see (the ring is only in block 0, whose keys cover it all, so its slot order is free).
+        ``ring_k = ring_v = None``: an empty ring (no state). One block (``T ≤ W``) attends
+        over its keys directly, without the empty ring's ``W`` masked keys."""
         B, T = q.shape[0], q.shape[2]
         W = self.window
         Bq = min(W, T)
         nb = -(-T // Bq)
+        if nb == 1:
+            return self._one_block(q_rot, q, ring_k, ring_v, ring_pos, k, v, pos)
+        if ring_k is None:
+            ring_k = ring_v = k.new_zeros(B, k.shape[1], W, k.shape[-1])
         pad = nb * Bq - T
         if pad:
             q_rot, q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q_rot, q, k, v))
@@ -264,6 +269,28 @@ class SlidingWindowAttention(AttentionCore):
         mask = mask.unsqueeze(1).repeat(B, 1, 1, 1)  # [B·nb, 1, Bq, W + Bq]
         o = self.attend(q_rot, q, keys, values, mask)  # [B·nb, H, Bq, D]
         return rearrange(o, "(b n) h r d -> b h (n r) d", b=B)[:, :, :T]
+
+    def _one_block(
+        self,
+        q_rot: torch.Tensor,
+        q: torch.Tensor,
+        ring_k: torch.Tensor | None,
+        ring_v: torch.Tensor | None,
+        ring_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: int,
+    ) -> torch.Tensor:
+        """:meth:`_blocked` for ``T ≤ W`` (one block of all the queries): the keys are the
+        ring's (if any) and the new ones, visible where ``t − W < s ≤ t``."""
+        new_pos = torch.arange(pos, pos + q.shape[2], device=q.device)
+        key_pos, keys, values = new_pos, k, v
+        if ring_k is not None:
+            key_pos = torch.cat([ring_pos, new_pos])
+            keys, values = torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2)
+        mask = (key_pos <= new_pos[:, None]) & (key_pos > new_pos[:, None] - self.window)
+        mask = mask & (key_pos >= 0)  # empty ring slots
+        return self.attend(q_rot, q, keys, values, mask)
 
     def _check_state(self, state: State, batch: int) -> None:
         expected = {"k", "v", "pos"}

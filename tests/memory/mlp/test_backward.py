@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from nestlearn.memory.core import segments
 from nestlearn.memory.core.rules import L2
-from nestlearn.memory.core.segments import segment_products
+from nestlearn.memory.core.segments import segment_products, segment_products_reference
 from nestlearn.memory.mlp import chunk as mlp_chunked
 from nestlearn.memory.mlp import forms as mlp
+from nestlearn.memory.mlp import segment as mlp_segment
 from nestlearn.memory.mlp.chunk import Group, MLPChunks, block_segments, groups, split
 from nestlearn.memory.mlp.forms import mlp_memory_chunk
 from nestlearn.memory.mlp.segment import segment_products_backward
@@ -165,9 +167,68 @@ def test_segment_products_backward_with_zero_gates():
     a[1, 0] = 0.0
     a.requires_grad_()
     grad = torch.randn(3, 7, 7, dtype=torch.float64)
-    products = segment_products(a)
+    products = segment_products_reference(a)
     (expected,) = torch.autograd.grad(products, a, grad)
     torch.testing.assert_close(segment_products_backward(products.detach(), grad), expected)
+
+
+def test_segment_products_node_equals_plain_operations_with_zero_gates():
+    # The fast products (built transposed, one autograd node) against the plain formulation:
+    # values bit for bit (same products in the same order), gradients in float64.
+    a = torch.rand(2, 3, 9, dtype=torch.float64)
+    a[0, 1, 4] = 0.0
+    a[1, 2, 0] = 0.0
+    a[1, 0, 8] = 0.0
+    a.requires_grad_()
+    fast, plain = segment_products(a), segment_products_reference(a)
+    assert torch.equal(fast, plain)
+    grad = torch.randn_like(plain)
+    torch.testing.assert_close(
+        torch.autograd.grad(fast, a, grad)[0], torch.autograd.grad(plain, a, grad)[0]
+    )
+    assert torch.autograd.gradcheck(segment_products, (a,))
+
+
+@pytest.mark.parametrize("momentum, retention", [(True, True), (True, False), (False, True)])
+def test_coefficients_backward_equals_autograd_with_zero_gates(momentum, retention, monkeypatch):
+    # coefficients_backward (two matmuls with momentum) against autograd of coefficients built
+    # from the plain segment products, zero gates included (a reset: no division anywhere).
+    monkeypatch.setattr(mlp_segment, "segment_products", segments.segment_products_reference)
+    M, n = 5, 7
+    g = torch.Generator().manual_seed(3)
+    eta = torch.rand(M, n, generator=g, dtype=torch.float64)
+    mu = torch.rand(M, n, generator=g, dtype=torch.float64) if momentum else None
+    alpha = torch.rand(M, n, generator=g, dtype=torch.float64) if retention else None
+    for gate in (mu, alpha):
+        if gate is not None:
+            gate[1, 3] = 0.0
+            gate[2, 0] = 0.0
+            gate[4, n - 1] = 0.0
+    leaves = [x.requires_grad_() for x in (eta, mu, alpha) if x is not None]
+    coef = mlp_segment.coefficients(eta, mu, alpha)
+    outs = {
+        "decay": coef["decay"],
+        "carry": coef["carry"],
+        "write": coef["write"],
+        "last": coef["last"],
+        "m0": coef["products"][1, :, -1, 0] if momentum else None,
+    }
+    grads = {
+        k: None if x is None else torch.randn(x.shape, generator=g, dtype=x.dtype)
+        for k, x in outs.items()
+    }
+    grads["eta"] = torch.randn(M, n, generator=g, dtype=torch.float64)
+    pairs = [(x, grads[k]) for k, x in outs.items() if x is not None]
+    expected = torch.autograd.grad(
+        [x for x, _ in pairs] + [eta], leaves, [d for _, d in pairs] + [grads["eta"]]
+    )
+    detached = mlp_segment.coefficients(
+        *(None if x is None else x.detach() for x in (eta, mu, alpha))
+    )
+    deta, dmu, dalpha = mlp_segment.coefficients_backward(detached, eta.detach(), grads)
+    got = [deta] + ([dmu] if momentum else []) + ([dalpha] if retention else [])
+    for x, y in zip(got, expected, strict=True):
+        torch.testing.assert_close(x, y)
 
 
 def test_groups_batch_equal_lengths():

@@ -47,6 +47,7 @@ from nestlearn.memory.core.rules import (
     retain,
 )
 from nestlearn.memory.core.segments import segment_products
+from nestlearn.memory.dgd import gates as dgd_gates
 from nestlearn.memory.matrix.chunk import _unit_lower_inverse
 from nestlearn.memory.mlp import forms as mlp
 from nestlearn.memory.mlp.forms import ACTIVATIONS, Gate, State, Weights, init_mlp_memory_state
@@ -350,7 +351,14 @@ def run_chunks(
     opts: Options,
 ) -> tuple[torch.Tensor | None, Weights, Weights, Weights, int]:
     """The chunk form over ``T`` tokens, heads folded into the batch (``q, k, v [N, T, ·]``,
-    gates ``[N, T]``): outputs ``[N, T, Dv]`` (None without ``q``) and the state after them."""
+    gates ``[N, T]``): outputs ``[N, T, Dv]`` (None without ``q``) and the state after them.
+
+    Where :func:`nestlearn.memory.dgd.segment_fused.supported` (the L2 objective, SiLU/GELU,
+    skip identity or none, per-token reads: ``M_mem`` of self-modifying Titans), each segment
+    is one autograd node with a hand-written backward that keeps the segment's start state and
+    a few within-segment tensors, and remakes the rest (same numbers as :func:`segment`)."""
+    from nestlearn.memory.dgd import segment_fused  # here: it imports this module
+
     T = k.shape[1]
     sizes = segment_sizes(T, opts.chunk_size, pos)
     # split, not slicing: the backward of each slice would fill a zero tensor of the full length.
@@ -360,15 +368,26 @@ def run_chunks(
     ]
     (w, s, wc), fused = fuse((w, s, wc), opts)
     outputs = []
+    one_node = _FUSED_SEGMENT and q is not None and segment_fused.supported(fused)
     for size, q_, k_, v_, eta_, mu_, alpha_ in zip(sizes, *pieces, strict=True):
-        coeffs = coefficients(eta_, mu_, alpha_, ema=opts.ema_momentum)
-        o, w, s = segment(q_, k_, v_, w, s, wc, coeffs, fused)
+        if one_node:
+            # The same numbers as one autograd node per segment (hand-written backward).
+            c = dgd_gates.gate_coefficients(eta_, mu_, alpha_, ema=opts.ema_momentum)
+            o, w, s = segment_fused.segment(q_, k_, v_, w, s, wc, c, fused)
+        else:
+            coeffs = coefficients(eta_, mu_, alpha_, ema=opts.ema_momentum)
+            o, w, s = segment(q_, k_, v_, w, s, wc, coeffs, fused)
         outputs.append(o)
         pos += size
         if pos == opts.chunk_size:
             wc, pos = w, 0
     w, s, wc = unfuse((w, s, wc), fused)
     return (None if q is None else torch.cat(outputs, dim=1)), w, s, wc, pos
+
+
+# False: every segment under plain autograd (the formulation the hand-written backward of
+# :mod:`nestlearn.memory.dgd.segment_fused` is tested against).
+_FUSED_SEGMENT = True
 
 
 def segment_sizes(T: int, chunk_size: int, pos: int) -> list[int]:

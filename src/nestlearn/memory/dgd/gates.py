@@ -11,6 +11,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from nestlearn.memory.core.precision import backward_without_autocast
+from nestlearn.memory.core.segments import products_forward, rows_backward
 from nestlearn.memory.dgd.write import WriteCoefficients
 
 
@@ -35,25 +36,10 @@ def gate_coefficients(
     return WriteCoefficients(*_WriteCoefficients.apply(flags, *gates))
 
 
-_MASKS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
 def _segment_products(gates: torch.Tensor) -> torch.Tensor:
-    """:func:`nestlearn.memory.core.segments.segment_products` (the same numbers), the mask made
-    once per size: ``gates [..., n]`` -> ``[..., n+1, n+1]``."""
-    n = gates.shape[-1] + 1
-    key = (n, gates.device)
-    if key not in _MASKS:
-        idx = torch.arange(n, device=gates.device)
-        _MASKS[key] = idx[:, None] > idx[None, :]
-    rows = torch.cat([gates.new_ones(*gates.shape[:-1], 1), gates], dim=-1)
-    return torch.where(_MASKS[key], rows.unsqueeze(-1), 1.0).cumprod(dim=-2).tril_()
-
-
-def _gate_grad(P: torch.Tensor, dP: torch.Tensor) -> torch.Tensor:
-    """``∂L/∂a_r = (Pᵀ dP Pᵀ)[r, r−1]``, ``r = 1..n``, from the rows ``1..n`` of ``dP`` (row 0
-    does not depend on the gates): ``[N, n]``."""
-    return torch.bmm(torch.bmm(P[:, 1:].mT, dP), P.mT).diagonal(offset=-1, dim1=-2, dim2=-1)
+    """:func:`nestlearn.memory.core.segments.segment_products` without autograd:
+    ``gates [..., n]`` -> ``[..., n+1, n+1]``."""
+    return products_forward(gates)
 
 
 class _WriteCoefficients(torch.autograd.Function):
@@ -112,26 +98,38 @@ class _WriteCoefficients(torch.autograd.Function):
             step = (1 - mu) * eta if ema else eta
             d_write = torch.cat([g.b_write, g.e_write.mT], dim=1)  # [N, n+1, n]
             d_carry = torch.cat([g.b_carry, g.e_carry], dim=1)
-            d_mixed = torch.cat([d_carry, d_write * -step.unsqueeze(-2)], dim=-1)  # [N, n+1, n+1]
             d_step = (d_write * mixed[..., 1:]).sum(-2).neg_()
             d_step -= g.s_write[..., 0] * P[:, -1, 1:]
-            d_P = torch.bmm(A[..., 1:].mT, d_mixed)  # rows 1..n of dP
+            d_project = torch.cat([g.lower, -g.e_project.mT], dim=1)  # [N, n+1, n]
+            # dA = [dG | dC P[1:]ᵀ + dproject ⊙ η] (rows 1..n): one product Y = A[1:, 1:]ᵀ
+            # [dG | dC | dproject ⊙ η] gives dP's rows 1..n (the dC columns) and, with the row
+            # before each r of [A[:, 0] | C | A[:, 1:]], dα (C's row 0 is zero):
+            # (Aᵀ dA Aᵀ)[r, r−1] = Σ_c Y[r, c] [A[r−1, 0] | C[r−1] | A[r−1, 1:]]_c.
+            d_ext = [d_carry[:, 1:], d_write[:, 1:] * -step.unsqueeze(-2)]
+            d_ext += [d_project[:, 1:] * e] if has_alpha else []
+            if has_alpha:
+                d_decay = torch.cat([g.b_decay, g.e_decay], dim=1)  # [N, n+1, 1]
+                d_ext.insert(0, d_decay[:, 1:])
+            y = torch.bmm(A[:, 1:, 1:].mT, torch.cat(d_ext, dim=-1))  # [N, n, ·]
+            n, first = eta.shape[-1], 1 if has_alpha else 0
+            d_P = y[..., first : first + n + 1]  # rows 1..n of dP
+            if has_alpha:
+                prev = torch.cat([A[:, :-1, :1], mixed[:, :-1], A[:, :-1, 1:]], dim=-1)
+                d_alpha = (y * prev).sum(-1)
             d_P[:, -1] += torch.cat([g.s_decay[:, 0], g.s_write[..., 0] * -step], dim=-1)
-            d_mu = _gate_grad(P, d_P)
+            d_mu = rows_backward(P, d_P)
             d_eta = d_step
             if ema:
                 d_mu -= d_step * eta
                 d_eta = d_step * (1 - mu)
-            d_project = torch.cat([g.lower, -g.e_project.mT], dim=1)  # [N, n+1, n]
-            d_A1 = torch.bmm(d_mixed, P[:, 1:].mT).addcmul_(d_project, e)
         else:
             # write = −project, s_write = −η_n at s = n
             d_project = torch.cat([g.lower - g.b_write, -(g.e_project + g.e_write).mT], dim=1)
             d_eta = torch.zeros_like(eta)
             d_eta[:, -1] -= g.s_write[:, -1, 0]
-            d_A1 = d_project * e
+            if has_alpha:
+                d_decay = torch.cat([g.b_decay, g.e_decay], dim=1)  # [N, n+1, 1]
+                d_A = torch.cat([d_decay, d_project * e], dim=-1)[:, 1:]
+                d_alpha = rows_backward(A, d_A)
         d_eta += (d_project * A[..., 1:]).sum(-2)
-        if has_alpha:
-            d_decay = torch.cat([g.b_decay, g.e_decay], dim=1)  # [N, n+1, 1]
-            d_alpha = _gate_grad(A, torch.cat([d_decay, d_A1], dim=-1)[:, 1:])
         return None, d_eta, *[x for x, on in ((d_mu, has_mu), (d_alpha, has_alpha)) if on]

@@ -152,6 +152,34 @@ def inputs_forward(u: torch.Tensor, c: WriteCoefficients, M: int, dgd: bool) -> 
     )
 
 
+# The Inputs fields that are the inputs scaled by coefficients: cheap to remake, so a backward
+# that is called much later (a whole sequence of segments apart) need not hold them.
+_SCALED = ("bx", "cx", "wxu", "right", "su")
+
+
+def slim(inputs: Inputs) -> Inputs:
+    """``inputs`` without the fields scaled by coefficients (about half its memory); see
+    :func:`restore`."""
+    return inputs._replace(**dict.fromkeys(_SCALED))
+
+
+def restore(inputs: Inputs, c: WriteCoefficients, M: int) -> Inputs:
+    """The fields :func:`slim` dropped, remade from ``U``, ``X``, ``X Uᵀ`` and the coefficients
+    by the operations of :func:`inputs_forward` (the same numbers)."""
+    u, x = inputs.u, inputs.x
+    su = scale(c.s_write, u, M)
+    eu = scale(c.e_write, u, M)
+    if x is None:
+        return inputs._replace(right=eu, su=su)
+    return inputs._replace(
+        bx=scale(c.b_decay, x, M),
+        cx=None if c.b_carry is None else scale(c.b_carry, x, M),
+        wxu=scale(c.b_write, inputs.gram_xu, M),
+        right=torch.cat([eu, scale(c.e_project, x, M)], dim=1),
+        su=su,
+    )
+
+
 def map_forward(
     W: torch.Tensor,
     S: torch.Tensor | None,
@@ -227,8 +255,10 @@ def map_backward(
     c: WriteCoefficients,
     M: int,
     out: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    d_p: torch.Tensor | None = None,
 ) -> MapGrads:
-    """Gradients of :func:`map_forward`'s inputs from those of ``W_n`` and ``S_n``; ``out``:
+    """Gradients of :func:`map_forward`'s inputs from those of ``W_n`` and ``S_n`` (and of ``P``,
+    ``d_p``, where the caller also read ``P``: the per-token reads of a segment); ``out``:
     tensors to write the gradients of ``W`` and ``S`` into."""
     out_W, out_S = (None, None) if out is None else out
     # S_n = m_n S_0 + Δᵀ (s_n ⊙ U)
@@ -269,7 +299,8 @@ def map_backward(
     d_left = torch.bmm(inputs.right, gW.mT)  # [B, 2n, O]
     d_delta += d_left[:, :n]
     # P = A R, A = (I + L)⁻¹: dR = Aᵀ dP, dL = −tril(dR Pᵀ, −1)
-    d_rhs = torch.bmm(inputs.inverse.mT, d_left[:, n:])  # [B, n, O]
+    d_p_total = d_left[:, n:] if d_p is None else d_left[:, n:] + d_p
+    d_rhs = torch.bmm(inputs.inverse.mT, d_p_total)  # [B, n, O]
     d_lower = torch.bmm(d_rhs, p.mT).tril_(-1).neg_()
     # R = diag(G_b) X W_0ᵀ + diag(c_b) X S_0ᵀ + (W_b ⊙ X Uᵀ) Δ
     d_delta.baddbmm_(inputs.wxu.mT, d_rhs)

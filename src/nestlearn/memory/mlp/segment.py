@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nestlearn.memory.core.rules import L2, DotProduct, Huber
-from nestlearn.memory.core.segments import segment_products
+from nestlearn.memory.core.segments import products_backward, rows_backward, segment_products
 
 Weights = list[torch.Tensor]
 Grads = list[torch.Tensor | None]
@@ -169,14 +169,9 @@ def surprise_backward(
 
 
 def segment_products_backward(products: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. the gates ``a [..., L]`` of ``P = segment_products(a)`` given ``dP``.
-
-    ``∂P[t, s]/∂a_r = P[t, r] P[r − 1, s]`` for ``s < r ≤ t``, so
-    ``da_r = Σ_t P[t, r] (dP Pᵀ)[t, r − 1]``: one matmul, no division (exact for zero gates).
-    Entries of ``dP`` on or above the diagonal drop out of the formula by themselves.
-    """
-    h = torch.matmul(grad, products.mT)  # [..., L+1, L+1]
-    return (products[..., :, 1:] * h[..., :, :-1]).sum(-2)
+    """Gradient w.r.t. the gates ``a [..., L]`` of ``P = segment_products(a)`` given ``dP``:
+    :func:`nestlearn.memory.core.segments.products_backward` (one matmul, no division)."""
+    return products_backward(products, grad)
 
 
 def add_grads(total: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -225,9 +220,10 @@ def coefficients(
         mixed = torch.bmm(coupling, products[1, :, 1:])  # [M, n, n+1]: column 0 is c, the rest D
         carry, coupling = mixed[..., 0], mixed[..., 1:]
         last = products[1, :, -1, 1:] * -eta
-    write = coupling * -eta.unsqueeze(-2)  # Ŵ [M, n, n]
+    write = (coupling * -eta.unsqueeze(-2)).contiguous()  # Ŵ [M, n, n]
     return {
         "products": products,
+        "mixed": mixed if mu is not None else None,
         "decay": decay,
         "carry": carry,
         "coupling": coupling,
@@ -240,28 +236,38 @@ def coefficients_backward(
     coef: dict[str, Any], eta: torch.Tensor, grads: dict[str, torch.Tensor | None]
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``dη, dμ, dα`` from the gradients of :func:`coefficients`' outputs: ``decay, carry,
-    write, last`` and ``m0 = M(n, 0)``, plus ``eta`` (a direct gradient w.r.t. ``η``)."""
+    write, last`` and ``m0 = M(n, 0)``, plus ``eta`` (a direct gradient w.r.t. ``η``).
+
+    Two matmuls with momentum (README, "Segment products"; ``A``, ``M`` the products of ``α``
+    and ``μ``, ``C = A[1:, 1:] M[1:, :]`` the mixed coefficients ``[c | D]``, ``dC`` its
+    gradient, ``dG`` the decay's): ``Y = A[1:, 1:]ᵀ [dG | dC]`` gives ``dM``'s rows ``1..n``
+    (``Y``'s columns of ``dC``) and ``dα_r = Σ_c Y[r, c] [A[r−1, 0] | C[r−1, :]]_c``, since
+    ``Aᵀ dA Aᵀ = Aᵀ dC (A[:, 1:] M[1:])ᵀ`` (``C`` with a zero row 0); then
+    ``dμ_r = Σ_s (Mᵀ dM)[r, s] M[r−1, s]``. No division: exact for zero gates."""
     products, coupling = coef["products"], coef["coupling"]
     has_mu = coef["carry"] is not None
     d_write = grads["write"]
-    deta = -(d_write * coupling).sum(-2)
+    deta = (d_write * coupling).sum(-2).neg_()
     if grads["eta"] is not None:
-        deta = deta + grads["eta"]
+        deta += grads["eta"]
     d_coupling = d_write * -eta.unsqueeze(-2)
-    d_products = torch.zeros_like(products)
-    if has_mu:
-        d_last = grads["last"]
-        deta -= d_last * products[1, :, -1, 1:]
-        d_mixed = torch.cat([grads["carry"].unsqueeze(-1), d_coupling], dim=-1)  # [M, n, n+1]
-        d_products[0, :, 1:, 1:] = torch.bmm(d_mixed, products[1, :, 1:].mT)
-        d_products[1, :, 1:] = torch.bmm(products[0, :, 1:, 1:].mT, d_mixed)
-        d_products[1, :, -1, 1:] -= d_last * eta
-        d_products[1, :, -1, 0] += grads["m0"]
-    else:
-        d_products[0, :, 1:, 1:] = d_coupling
-    d_products[0, :, 1:, 0] = grads["decay"]
-    d_gates = segment_products_backward(products, d_products)
-    return deta, (d_gates[1] if has_mu else None), d_gates[0]
+    retention = products[0]
+    if not has_mu:
+        d_retention = torch.cat([grads["decay"].unsqueeze(-1), d_coupling], dim=-1)  # rows 1..n
+        return deta, None, rows_backward(retention, d_retention)
+    persistence, mixed = products[1], coef["mixed"]
+    d_last = grads["last"]
+    deta -= d_last * persistence[:, -1, 1:]
+    # [dG | dC] [M, n, n+2], and the row before each r of [A[:, 0] | C] (C's row 0 is zero).
+    d_ext = torch.cat([grads["decay"].unsqueeze(-1), grads["carry"].unsqueeze(-1), d_coupling], -1)
+    prev = torch.cat([retention[:, :-1, :1], F.pad(mixed[:, :-1], (0, 0, 1, 0))], dim=-1)
+    y = torch.bmm(retention[:, 1:, 1:].mT, d_ext)  # [M, n, n+2]
+    d_alpha = (y * prev).sum(-1)
+    d_persistence = y[..., 1:]  # dM rows 1..n, plus the direct terms of the last row
+    d_persistence[:, -1, 1:] -= d_last * eta
+    d_persistence[:, -1, 0] += grads["m0"]
+    d_mu = rows_backward(persistence, d_persistence)
+    return deta, d_mu, d_alpha
 
 
 def reads_forward(
