@@ -6,9 +6,10 @@
 Part 1 (issue: chunkwise >= 20x sequential): for every memory layer, forward + backward tokens/s
 of the chunkwise and sequential (reference) forms, measured side by side in this run, at B=2,
 T=2048, d=256, 4 heads of 64, chunk 64, float32 on the CPU, and the max abs difference of their
-outputs. In the same turns, the memory op alone (``matrix_memory``, or Titans'
-``mlp_memory_chunk`` / ``mlp_memory_reference``) in both forms, on leaf copies of the inputs
-the layer hands it: ``op_speedup`` is the op's ratio, ``shared_ms`` the rest of the chunk layer
+outputs (and of the memory op's two forms on the same inputs, ``op max |diff|``). In the same
+turns, the memory op alone (``matrix_memory``, or Titans' ``mlp_memory_chunk`` /
+``mlp_memory_reference``) in both forms, on leaf copies of the inputs the layer hands it:
+``op_speedup`` is the op's ratio, ``shared_ms`` the rest of the chunk layer
 (projections, convs, norms, gates: ``layer − op``, the same in both forms) and
 ``speedup_bound = sequential layer / shared``, the layer ratio a free chunk op would reach.
 
@@ -148,6 +149,8 @@ def chunk_vs_sequential(
             "seq": lambda m=sequential, x=x: _DenseGrad.apply(m(x)[0]),
             **op_steps(name, chunked, x),
         }
+        with torch.no_grad():  # the op's two forms on the same inputs
+            op_diff = (steps["op_chunk"]() - steps["op_seq"]()).abs().max().item()
         times = time_fwd_bwd(steps, repeats, clock, device)
         t_chunk, t_seq = times["chunk"], times["seq"]
         shared = t_chunk - times["op_chunk"]
@@ -159,6 +162,7 @@ def chunk_vs_sequential(
                 "sequential_tokens_per_s": tokens / t_seq,
                 "speedup": t_seq / t_chunk,
                 "max_abs_diff": diff,
+                "op_max_abs_diff": op_diff,
                 "chunk_ms": 1e3 * t_chunk,
                 "sequential_ms": 1e3 * t_seq,
                 "op_chunk_ms": 1e3 * times["op_chunk"],
@@ -171,7 +175,7 @@ def chunk_vs_sequential(
         print(
             f"{name}: chunk {tokens / t_chunk:,.0f} tok/s, sequential {tokens / t_seq:,.0f} "
             f"tok/s, x{t_seq / t_chunk:.1f}, op x{times['op_seq'] / times['op_chunk']:.1f}, "
-            f"shared {1e3 * shared:.1f} ms, max |diff| {diff:.2e}",
+            f"shared {1e3 * shared:.1f} ms, max |diff| {diff:.2e} (op {op_diff:.2e})",
             flush=True,
         )
     return rows
@@ -269,11 +273,12 @@ def main(argv: list[str] | None = None) -> None:
             r["shared_ms"],
             r["speedup_bound"],
             f"{r['max_abs_diff']:.1e}",
+            f"{r['op_max_abs_diff']:.1e}",
         ]
         for r in result["chunk_vs_sequential"]
     ]
     headers = ["layer", "chunk tok/s", "sequential tok/s", "speed-up", "op speed-up"]
-    headers += ["chunk ms", "op chunk ms", "shared ms", "bound", "max |diff|"]
+    headers += ["chunk ms", "op chunk ms", "shared ms", "bound", "max |diff|", "op max |diff|"]
     print(markdown_table(headers, rows))
     titans = [
         [

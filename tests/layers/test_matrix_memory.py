@@ -95,3 +95,21 @@ def test_l2_normalize_gradcheck_and_second_derivatives():
 def test_l2_normalize_rejects_a_non_positive_scale():
     with pytest.raises(ValueError, match="scale must be > 0"):
         l2_normalize(torch.randn(2, 3), 0.0)
+
+
+@pytest.mark.parametrize("variant", ["deltanet", "gated_deltanet"])
+def test_l2_flop_count_equals_the_chunk_ops_matmuls(variant):
+    # the layer's count (used for MFU) is the matmul FLOPs the chunk form runs, UT products included
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nestlearn.memory.matrix.forms import matrix_memory_chunk
+
+    H, D, C, T = 2, 8, 4, 8
+    layer = MatrixMemoryMixer(variant, H * D, H, D, chunk_size=C)
+    q, k, v = (torch.randn(1, H, T, D) for _ in range(3))
+    gates = dict(beta=torch.rand(1, H, T))
+    if VARIANTS[variant].decay:
+        gates["log_alpha"] = -torch.rand(1, H, T)
+    with FlopCounterMode(display=False) as counter:
+        matrix_memory_chunk(q, F.normalize(k, dim=-1), v, chunk_size=C, **gates)
+    assert counter.get_total_flops() == T * layer.flops_per_token(T)

@@ -15,12 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from nestlearn.layers.decode_step import (
+    full_precision_step,
+    heads_step,
+    matrix_token,
+    read_out,
+    step_plan,
+)
 from nestlearn.layers.memory_heads import MambaDecay, MemoryHeads, State, gate_projection
 from nestlearn.levels import Level
 from nestlearn.memory.matrix.fla_kernels import check_kernel, matrix_memory_fla, use_fla
-from nestlearn.memory.matrix.forms import matrix_memory
+from nestlearn.memory.matrix.forms import matrix_memory, matrix_memory_step
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,10 @@ class MatrixMemoryMixer(nn.Module):
         every variant), and its retention is ``log α = 0`` (no decay). Rows padded before their
         first token, from a fresh state, then read exactly what they would unpadded.
         """
+        if state is not None and real is None and x.shape[1] == 1:
+            out = self.step(x, state)
+            if out is not None:
+                return out
         if real is not None:
             x = x.masked_fill(~real[..., None], 0.0)
         # The read scale rides on q's normalization (SPEC §2.2); the op then reads with scale 1.
@@ -138,6 +150,33 @@ class MatrixMemoryMixer(nn.Module):
             return y, None
         return y, {**conv_state, "memory": memory}
 
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State] | None:
+        """One decoded token ``x [B, 1, d]`` from ``state``: :meth:`forward`'s values (float
+        rounding aside) in a few large ops (:mod:`nestlearn.layers.decode_step`); None where a
+        forward hook needs the sequence form."""
+        decay = self.decay
+        gates = [] if self.beta_proj is None else [self.beta_proj]
+        gates += [] if decay is None else [decay.proj]
+        plan = step_plan(self.heads, gates, self.scale, () if decay is None else (decay,))
+        if plan is None:
+            return None
+        q, k, v, g, pre, conv_state = heads_step(self.heads, x[:, 0], state, plan)
+        pre = pre.split(self.heads.n_heads, dim=-1)  # [B, H] each: β, then the decay's
+        beta = None if self.beta_proj is None else torch.sigmoid(pre[0])
+        log_alpha = None
+        if decay is not None:
+            log_alpha = -decay.A_log.exp() * F.softplus(pre[-1] + decay.dt_bias)
+        memory = state["memory"]
+        if full_precision_step(q, memory):
+            o, memory = matrix_token(q, k, v, log_alpha, beta, self.variant.objective == "l2",
+                                     memory)  # fmt: skip
+        else:
+            o, memory = matrix_memory_step(
+                q, k, v, log_alpha=log_alpha, beta=beta, objective=self.variant.objective,
+                state=memory,
+            )  # fmt: skip
+        return read_out(self.heads, o, g)[:, None], {**conv_state, "memory": memory}
+
     def inner_levels(self) -> list[Level]:
         h = self.heads
         objective = "dot: −⟨S q, v⟩" if self.variant.objective == "dot" else "l2: ½‖Sᵀk − v‖²"
@@ -151,10 +190,13 @@ class MatrixMemoryMixer(nn.Module):
         """Forward FLOPs of the chunkwise memory per token (projections counted by the model).
 
         Per head: intra-chunk ``q kᵀ`` and its product with values (``2·C·(dk + dv)``), the read
-        of and write into the state (``4·dk·dv``), and for l2 the UT transform (``2·C·dk``).
+        of and write into the state (``4·dk·dv``), and for l2 the UT transform: ``β k kᵀ``
+        (``2·C·dk``) and ``A`` times ``β v`` and ``β γ k`` (``2·C·(dv + dk)``), and the correction
+        ``W S`` (``2·dk·dv``); the matmuls of :func:`~nestlearn.memory.matrix.chunk.chunk_forward`
+        (the triangular solve, ``C²/3`` per token, not counted).
         """
         h, C = self.heads, min(self.chunk_size, seq_len)
         per_head = 2 * C * (h.dk + h.dv) + 4 * h.dk * h.dv
         if self.variant.objective == "l2":
-            per_head += 2 * C * h.dk + 2 * h.dk * h.dv
+            per_head += 2 * C * h.dk + 2 * C * (h.dv + h.dk) + 2 * h.dk * h.dv
         return float(h.n_heads * per_head)

@@ -44,6 +44,14 @@ import math
 import torch
 from torch import nn
 
+from nestlearn.layers.decode_step import (
+    full_precision_step,
+    heads_step,
+    mlp_step_options,
+    mlp_token,
+    read_out,
+    step_plan,
+)
 from nestlearn.layers.memory_heads import MemoryHeads, State, gate_projection
 from nestlearn.levels import Level
 from nestlearn.memory.mlp.forms import (
@@ -148,6 +156,10 @@ class NeuralMemoryMixer(nn.Module):
     def forward(
         self, x: torch.Tensor, state: State | None = None
     ) -> tuple[torch.Tensor, State | None]:
+        if state is not None and x.shape[1] == 1:
+            out = self.step(x, state)
+            if out is not None:
+                return out
         q, k, v, conv_state = self.heads.qkv(x, state)
         gates = self._gates(x)
         weights = list(self.memory_weights)
@@ -182,6 +194,37 @@ class NeuralMemoryMixer(nn.Module):
         y = self.heads.output(o, x)
         if state is None:
             return y, None
+        return y, {**conv_state, **{f"memory.{k}": t for k, t in memory.items()}}
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State] | None:
+        """One decoded token ``x [B, 1, d]`` from ``state``: :meth:`forward`'s values (float
+        rounding aside) in a few large ops (:mod:`nestlearn.layers.decode_step`); None where a
+        forward hook needs the sequence form."""
+        projections = [p for p in (self.eta_proj, self.mu_proj, self.forget_proj) if p is not None]
+        plan = step_plan(self.heads, projections)
+        if plan is None:
+            return None
+        q, k, v, g, pre, conv_state = heads_step(self.heads, x[:, 0], state, plan)
+        gates = dict(zip(("eta", "mu", "alpha") if self.mu_proj is not None else ("eta", "alpha"),
+                         pre.split(self.heads.n_heads, dim=-1), strict=True))  # fmt: skip
+        eta = self.max_lr / (self.chunk_size if self.step_scale == "chunk" else 1)
+        eta = eta * torch.sigmoid(gates["eta"])
+        mu = None
+        if self.mu_proj is not None:
+            mu = torch.sigmoid(gates["mu"])
+            if self.ema_momentum:
+                eta = eta * torch.sigmoid(-gates["mu"])
+        alpha = 1.0 - torch.sigmoid(gates["alpha"])
+        memory = {k[len("memory.") :]: t for k, t in state.items() if k.startswith("memory.")}
+        if full_precision_step(q, memory["w.0"]):
+            opts = mlp_step_options(self.objective, "silu", self.residual, self.chunk_size)
+            o, memory = mlp_token(q, k, v, eta, mu, alpha, memory, self.depth, opts)
+        else:
+            o, memory = mlp_memory_step(
+                q, k, v, list(self.memory_weights), eta=eta, mu=mu, alpha=alpha,
+                **self._options(), state=memory,
+            )  # fmt: skip
+        y = read_out(self.heads, o, g)[:, None]
         return y, {**conv_state, **{f"memory.{k}": t for k, t in memory.items()}}
 
     def inner_levels(self) -> list[Level]:

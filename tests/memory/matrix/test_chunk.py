@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nestlearn.memory.matrix.chunk import _DeltaScan, _unit_lower_inverse, _ut_transform
+from nestlearn.memory.matrix.chunk import (
+    _chunk_decays,
+    _chunk_decays_no_graph,
+    _DeltaScan,
+    _unit_lower_inverse,
+    _ut_transform,
+)
 from nestlearn.memory.matrix.forms import (
     matrix_memory_chunk,
     matrix_memory_reference,
@@ -207,3 +213,34 @@ def test_one_token_step_with_full_forgetting_drops_the_state(objective):
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     torch.testing.assert_close(o, o_fresh, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s, s_fresh, rtol=1e-12, atol=1e-12)
+
+
+def test_no_graph_decays_equal_the_segmented_decays():
+    # the fast path (no forgetting token: no segments, exp then tril) and the fallback
+    gen = torch.Generator().manual_seed(3)
+    log_alpha = -3.0 * torch.rand(4, 6, generator=gen, dtype=torch.float64)
+    for x in (
+        log_alpha,
+        log_alpha.clone().index_put_(
+            (torch.tensor([1]), torch.tensor([2])), torch.tensor(-math.inf, dtype=torch.float64)
+        ),
+    ):
+        for fast, slow in zip(_chunk_decays_no_graph(x), _chunk_decays(x), strict=True):
+            torch.testing.assert_close(fast, slow, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("decay", [False, True], ids=["deltanet", "gated"])
+def test_delta_chunk_second_backward_with_retained_graph_gives_the_same_gradients(decay):
+    # the fused node drops its intermediates in the backward; a retained graph recomputes them
+    gen = torch.Generator().manual_seed(4)
+    B, H, T, D = 1, 2, 10, 3
+    q, v = (torch.randn(B, H, T, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    k = F.normalize(torch.randn(B, H, T, D, generator=gen, dtype=torch.float64), dim=-1)
+    beta = torch.rand(B, H, T, generator=gen, dtype=torch.float64)
+    log_alpha = -torch.rand(B, H, T, generator=gen, dtype=torch.float64) if decay else None
+    leaves = [x.requires_grad_() for x in (q, k, v, beta) + ((log_alpha,) if decay else ())]
+    o, _ = matrix_memory_chunk(q, k, v, beta=beta, log_alpha=log_alpha, chunk_size=4)
+    first = torch.autograd.grad(o.square().sum(), leaves, retain_graph=True)
+    second = torch.autograd.grad(o.square().sum(), leaves)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=0.0)
