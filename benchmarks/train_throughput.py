@@ -6,7 +6,9 @@
 
 Rows: the named configs given, or a suite (``--suite``: ``tiny``, the default and the same as
 ``--models all``: every architecture's ``*-tiny`` config; ``hope-vs-transformer``: HOPE at the
-``small`` scale against a Transformer++ of the same parameter count, issue 6; ``340m``: the
+``small`` scale against a Transformer++ of the same parameter count, issue 6;
+``hope-vs-transformer-tiny``: the same at the ``tiny`` scale, with HOPE also recomputing its
+memories in backward, issue 16; ``340m``: the
 paper-scale configs at T=4096, for a GPU). Every row trains at the same batch size and sequence
 length (``--batch-size``/``--seq-len``, else the suite's, else the first config's); overrides
 apply to every row.
@@ -19,7 +21,8 @@ dense matmul in the training dtype on the same device and threads, measured befo
 models (the larger is used); ``MFU = tokens/s · FLOPs/token / peak``. With ``--repeat R`` the
 list runs R times in turns (a, b, a, b, ...) so that a burst of load on a shared machine hits
 every model alike; step times are pooled. ``step / ref`` is a row's median step time over the
-``--ratio-to`` row's (default: the Transformer++, if listed).
+``--ratio-to`` row's (default: the Transformer++, if listed); ``peak / ref`` and ``MFU / ref``
+likewise.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class Suite:
     note: str = ""
 
 
+# HOPE with its memories recomputed in backward instead of kept (less memory, more FLOPs).
+RECOMPUTE = ("model.cms_recompute=true", "model.sm_recompute=true")
 ARCHITECTURES_340M = ("transformer", "hope", "hope_attention", "gated_deltanet", "titans_lmm")
 
 
@@ -82,6 +87,18 @@ def suites() -> dict[str, Suite]:
             batch_size=8,
             seq_len=256,
             note="issue 6: HOPE small step time <= 2x a Transformer++ of equal parameter count",
+        ),
+        "hope-vs-transformer-tiny": Suite(
+            (
+                Row("transformer", "tiny"),
+                Row("hope", "hope-tiny"),
+                Row("hope-recompute", "hope-tiny", RECOMPUTE),
+            ),
+            batch_size=16,
+            seq_len=128,
+            note="issue 16 at the tiny scale (2.56M vs 2.75M parameters): HOPE MFU >= 0.75x "
+            "and peak memory <= 2.5x the Transformer++'s; hope-recompute: backward recomputes "
+            "the memories (model.cms_recompute, model.sm_recompute)",
         ),
         "340m": Suite(
             tuple(
@@ -293,11 +310,25 @@ def run_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_ratio(rows: list[dict[str, Any]], ref: str | None) -> None:
-    """``step_ratio``: each row's median step time over the ``ref`` row's (label or model)."""
+    """Each row over the ``ref`` row (label or model): ``step_ratio`` (median step times),
+    ``mfu_ratio`` (MFUs) and ``peak_ratio`` (peak memories; None where either is unknown)."""
     match = [r for r in rows if "step_s" in r and ref in (r["label"], r.get("model"))]
+    first = match[0] if match else None
     for row in rows:
-        if "step_s" in row:
-            row["step_ratio"] = round(row["step_s"] / match[0]["step_s"], 3) if match else None
+        if "step_s" not in row:
+            continue
+        row["step_ratio"] = row["mfu_ratio"] = row["peak_ratio"] = None
+        if first is None:
+            continue
+        row["step_ratio"] = round(row["step_s"] / first["step_s"], 3)
+        row["mfu_ratio"] = round(row["mfu"] / first["mfu"], 3)
+        peaks = row["peak_memory_bytes"], first["peak_memory_bytes"]
+        if all(peaks):
+            row["peak_ratio"] = round(peaks[0] / peaks[1], 3)
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _device_name(device: torch.device) -> str:
@@ -323,14 +354,16 @@ def markdown_report(report: dict[str, Any]) -> str:
         "step ms",
         f"step / {report['ratio_to']}",
         "peak MiB",
+        f"peak / {report['ratio_to']}",
         "MFLOP/token (model)",
         "MFLOP/token (counted)",
         "MFU %",
+        f"MFU / {report['ratio_to']}",
     ]
     table = []
     for r in report["rows"]:
         if "error" in r:
-            table.append([r["label"], r["config"], "failed: " + r["error"], *["-"] * 7])
+            table.append([r["label"], r["config"], "failed: " + r["error"], *["-"] * 9])
             continue
         counted = r["counted_flops_per_token"]
         mem = r["peak_memory_bytes"]
@@ -342,11 +375,13 @@ def markdown_report(report: dict[str, Any]) -> str:
                 r["params"],
                 r["tokens_per_s"],
                 r["step_s"] * 1e3,
-                "-" if r["step_ratio"] is None else f"{r['step_ratio']:.2f}x",
+                _times(r["step_ratio"]),
                 "-" if mem is None else mem / 2**20,
+                _times(r["peak_ratio"]),
                 r["flops_per_token"] / 1e6,
                 "-" if counted is None else counted / 1e6,
                 100 * r["mfu"],
+                _times(r["mfu_ratio"]),
             ]
         )
     memory = (

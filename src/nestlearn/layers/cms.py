@@ -19,6 +19,8 @@ norm and head only (:class:`Teacher`, the logit-lens approximation of SPEC §4's
 exact for the last level of the last block), stop-gradient.
 Inner step (``step``): ``normalized`` (``η / (1 + E)``, ours, default) or ``plain`` (NL-31's
 summed step at rate ``η``; :mod:`nestlearn.memory.cms`, docs/cms.md).
+``recompute=True`` keeps only each level's inputs for backward and recomputes its chunk chain
+there, the teach errors replayed (:func:`recomputed_level`): less memory, the same gradients.
 With k = 1, ``sequential`` and a zero learning rate this is a Transformer's ``x + MLP(norm(x))``.
 The block may instead be GPT-2's (``mlp="gelu_tanh"``: ``W2 gelu_tanh(W1 z + b1) + b2``), with
 biases (``bias=True``) and a LayerNorm (``norm="layer"``), so that a pretrained model's MLPs drop
@@ -119,6 +121,7 @@ class ContinuumMemory(nn.Module):
         bias: bool = False,
         norm: str = "rms",
         step: str = "normalized",
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         check_cms_options(
@@ -140,7 +143,7 @@ class ContinuumMemory(nn.Module):
         self.chunk_sizes, self.lrs = [int(c) for c in chunk_sizes], [float(r) for r in lrs]
         self.variant, self.objective, self.optimizer = variant, objective, optimizer
         self.momentum, self.detach_inner, self.mode = float(momentum), bool(detach_inner), mode
-        self.step = step
+        self.step, self.recompute = step, bool(recompute)
         self.levels = nn.ModuleList(
             CMSLevel(
                 d_model,
@@ -267,22 +270,24 @@ class ContinuumMemory(nn.Module):
             extra = self._error_args(base, scale, teacher)
             reset = self._reset(i, history)
             history = {} if self.variant == "nested" and i + 1 < len(self.levels) else None
-            y, sub = run(
-                z,
-                self._initial_weights(i),
-                lr=self.lrs[i],
-                chunk_size=self.chunk_sizes[i],
-                optimizer=self.optimizer,
-                momentum=self.momentum,
-                reset=reset,
-                initial_state=sub,
-                output_final_state=state is not None,
-                detach_inner=self.detach_inner,
-                history=history,
-                activation=self.activation,
-                step=self.step,
+            kwargs = {
+                "lr": self.lrs[i],
+                "chunk_size": self.chunk_sizes[i],
+                "optimizer": self.optimizer,
+                "momentum": self.momentum,
+                "reset": reset,
+                "initial_state": sub,
+                "output_final_state": state is not None,
+                "detach_inner": self.detach_inner,
+                "history": history,
+                "activation": self.activation,
+                "step": self.step,
                 **extra,
-            )
+            }
+            if self._recomputes(state):
+                y, sub = recomputed_level(run, z, self._initial_weights(i), kwargs, self.objective)
+            else:
+                y, sub = run(z, self._initial_weights(i), **kwargs)
             if on_level is not None:
                 on_level(i, base, y, sub)
             y = y * scale if agg is not None else y
@@ -291,6 +296,17 @@ class ContinuumMemory(nn.Module):
             if new_state is not None:
                 new_state.update({f"{i}.{k}": v for k, v in sub.items()})
         return total, new_state
+
+    def _recomputes(self, state: State | None) -> bool:
+        """``recompute`` applies to a training call: chunk form, gradients on, no state (the
+        nested variant's reset history crosses levels, so it is left out)."""
+        return (
+            self.recompute
+            and self.mode == "chunk"
+            and self.variant != "nested"
+            and state is None
+            and torch.is_grad_enabled()
+        )
 
     def _initial_weights(self, i: int) -> Weights:
         level = self.levels[i] if self.levels[i].names else self.levels[0]
@@ -367,6 +383,50 @@ class ContinuumMemory(nn.Module):
                 error = 8 * dh + (12 * dh if self.optimizer == "dgd" else 0)
                 total += error * updating_fraction(chunk, seq_len) + 6 * dh / chunk
         return total
+
+
+class _Replay:
+    """An error source that records its outputs on the first pass and replays them on the
+    recomputation: the teach signal is a stop-gradient constant (the head's forward/backward),
+    and the recomputed pass reads the same ``y`` bit for bit, so its errors are the same."""
+
+    def __init__(self, error: Callable[..., torch.Tensor]) -> None:
+        self.error, self.saved, self.calls = error, [], 0
+
+    def __call__(self, y: torch.Tensor, key_ctx, targets: torch.Tensor) -> torch.Tensor:
+        if self.calls < len(self.saved):
+            delta = self.saved[self.calls]
+        else:
+            delta = self.error(y, key_ctx, targets)
+            self.saved.append(delta)
+        self.calls += 1
+        return delta
+
+
+def recomputed_level(
+    run: Callable[..., tuple[torch.Tensor, State | None]],
+    z: torch.Tensor,
+    weights: Weights,
+    kwargs: dict,
+    objective: str,
+) -> tuple[torch.Tensor, State | None]:
+    """``run(z, weights, **kwargs)`` under :func:`torch.utils.checkpoint.checkpoint`
+    (non-reentrant): the backward keeps only the level's inputs and recomputes the chunk chain
+    (every chunk's weights ``θ_c`` and its within-chunk intermediates) when it reaches the
+    level, so at most one level's activations are alive at once. With ``teach`` the head's
+    errors are not recomputed but replayed (:class:`_Replay`): the recomputation costs the
+    level's forward without the teach signal. Same outputs and gradients, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    if objective == "teach":
+        kwargs = {**kwargs, "error": _Replay(kwargs["error"])}
+
+    def level(z: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, State | None]:
+        if objective == "teach":
+            kwargs["error"].calls = 0
+        return run(z, dict(zip(weights, values, strict=True)), **kwargs)
+
+    return checkpoint(level, z, *weights.values(), use_reentrant=False)
 
 
 def updating_fraction(chunk_size: int, seq_len: int) -> float:

@@ -17,12 +17,15 @@ back-propagates through the inner updates into them. SPEC §5's ablations are sw
 ``ema_momentum=True`` (default) writes the inner momentum as an average of past steps,
 ``S_t = μ S_{t−1} − (1 − μ) η_t g_t``, and ``normalize_v=True`` (default) normalizes ``v_t``, the
 input of the self-generated targets, like ``k_t`` and ``q_t``; ``False`` for both is the earlier
-form, which diverges on long runs of repeated tokens. Decisions: ``docs/self-modifying-titans.md``.
+form, which diverges on long runs of repeated tokens. ``recompute=True`` keeps only the memories'
+input for backward and recomputes their forward there (less memory, one more forward).
+Decisions: ``docs/self-modifying-titans.md``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +86,7 @@ class SelfModifyingTitansMixer(nn.Module):
         hidden_mult: int = 1,
         activation: str = "silu",
         eps: float = 1e-6,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("n_heads", n_heads), ("head_dim", head_dim)):
@@ -120,6 +124,9 @@ class SelfModifyingTitansMixer(nn.Module):
             raise ValueError(f"{type(self).__name__}: {exc}") from None
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim
         self.conv_size, self.mode = conv_size, mode
+        # Backward recomputes the memories' chunk chain from the layer's memory input instead of
+        # keeping its intermediates: one layer's alive at a time, same gradients.
+        self.recompute = bool(recompute)
         self.hidden = head_dim * hidden_mult
         width = n_heads * head_dim
         self.in_proj = nn.Linear(d_model, width, bias=False)
@@ -214,9 +221,16 @@ class SelfModifyingTitansMixer(nn.Module):
             y = y.unsqueeze(2)
         else:
             run = self_modifying_chunk if self.mode == "chunk" else self_modifying_reference
-            y, memory = run(
-                h, params, self.options, initial_state=memory, output_final_state=state is not None
-            )
+            if self.recompute and state is None and torch.is_grad_enabled():
+                y = _recomputed(run, h, params, self.options)
+            else:
+                y, memory = run(
+                    h,
+                    params,
+                    self.options,
+                    initial_state=memory,
+                    output_final_state=state is not None,
+                )
         gate = rearrange(self.g_proj(x), "b t (h d) -> b h t d", h=self.n_heads)
         out = self.o_proj(rearrange(self.o_norm(y) * F.silu(gate), "b h t d -> b t (h d)"))
         if state is None:
@@ -322,6 +336,21 @@ class SelfModifyingTitansMixer(nn.Module):
                 per_head += (8 + 2 * reads) * d_out * d_in + products
             total += self.n_heads * per_head
         return total
+
+
+def _recomputed(
+    run: Callable[..., tuple[torch.Tensor, State | None]],
+    h: torch.Tensor,
+    params: SelfModifyingParams,
+    options: SelfModifyingOptions,
+) -> torch.Tensor:
+    """``run(h, params, options)[0]`` under non-reentrant :func:`torch.utils.checkpoint.
+    checkpoint`: only ``h`` and the meta-parameters are kept for backward, which recomputes the
+    memories' forward (every chunk's states and intermediates) when it reaches this layer. The
+    same output and gradients, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(lambda h: run(h, params, options)[0], h, use_reentrant=False)
 
 
 def _few(keys: list[str], n: int = 4) -> str:

@@ -33,7 +33,10 @@ Two forms with one signature, equal to float error in outputs, states and gradie
 :func:`cms_level_reference` (a loop over tokens composing :mod:`nestlearn.memory.core.rules`) and
 :func:`cms_level_chunk` (per chunk one batched forward of ``C + 1`` rows and one batched backward;
 a Python loop over chunks, never over tokens). A one-token call of the chunk form is the
-recurrent step. The state is a plain ``dict[str, Tensor]``:
+recurrent step. A chunk read whole within one call and stepped by ``gd`` or ``momentum`` (every
+training chunk) takes its step fused (:func:`_fused_step`): the rate ``η / (1 + E)`` scales the
+per-pair factors and the sum over pairs joins the weights in one ``baddbmm``, so ``G`` and ``Ĝ``
+are never materialized (nor kept for backward). The state is a plain ``dict[str, Tensor]``:
 
     w1, w3 [B, h, d], w2 [B, d, h]   weights of the current chunk (w3 only when gated)
     b1, b3 [B, h], b2 [B, d]         biases of the current chunk, when the block has them
@@ -242,8 +245,7 @@ def cms_level_chunk(
                         ctx_seg if pos == 0 else torch.cat([ctx_prev.unsqueeze(1), ctx_seg], 1)
                     )
                     keys_ctx = keys_ctx[:, :n_keys]
-                acc = _accumulate(
-                    acc,
+                args = (
                     w,
                     rows[:, :n_keys],
                     [None if c is None else c[:, :n_keys] for c in cache],
@@ -252,6 +254,14 @@ def cms_level_chunk(
                     target_seg[:, n - n_keys :],
                     opts,
                 )
+                if completes and _fusable(acc, opts):
+                    # The whole chunk is in this segment: step without materializing G.
+                    w, acc = _fused_step(acc, *args)
+                    completes = False  # stepped
+                    if history is not None:
+                        history[(pos + n) // C] = w
+                else:
+                    acc = _accumulate(acc, *args)
             if completes:
                 w, acc = apply_update(w, acc, _pairs_in_chunk(pos, C), opts)
                 if history is not None:
@@ -411,8 +421,21 @@ def _silu_grad(x: torch.Tensor) -> torch.Tensor:
     return s * (1 + x * (1 - s))
 
 
-def _accumulate(
-    acc: State,
+class _ErrorTerms(NamedTuple):
+    """Per pair, the error at the block output and its backprop to the maps' outputs, with the
+    inputs each map's gradient multiplies: ``G_w1 = daᵀ keys``, ``G_w3 = dbᵀ keys``,
+    ``G_w2 = deltaᵀ u``; ``sens [B]`` the pairs' summed sensitivity ``E``."""
+
+    w: Weights
+    keys: torch.Tensor
+    u: torch.Tensor
+    delta: torch.Tensor
+    da: torch.Tensor
+    db: torch.Tensor | None
+    sens: torch.Tensor
+
+
+def _error_terms(
     w: Weights,
     keys: torch.Tensor,
     cache: list[torch.Tensor | None],
@@ -420,9 +443,9 @@ def _accumulate(
     key_ctx: torch.Tensor | None,
     targets: torch.Tensor,
     opts: _Options,
-) -> State:
-    """Add the error terms of ``n`` pairs (keys ``[B, n, d]`` with their forward at ``θ_c``):
-    manual backprop through the block, each sum over the pairs one batched matmul."""
+) -> _ErrorTerms:
+    """The error terms of ``n`` pairs (keys ``[B, n, d]`` with their forward at ``θ_c``): manual
+    backprop through the block, per pair (the sums over pairs are left to the caller)."""
     a, b, u = cache
     if opts.detach_inner:
         w = {k: v.detach() for k, v in w.items()}
@@ -436,6 +459,75 @@ def _accumulate(
         da, db = du * _act_grad(a, opts.activation), None
     else:
         da, db = du * b * _act_grad(a, opts.activation), du * _act(a, opts.activation)
+    sens = _sensitivity(w, keys, a, b, u, opts.activation).sum(-1)
+    return _ErrorTerms(w, keys, u, delta, da, db, sens)
+
+
+def _fusable(acc: State, opts: _Options) -> bool:
+    """A chunk whose every pair is in one segment (no partial sums ``G``, ``E`` carried in) and
+    an optimizer whose step is linear in ``G``: :func:`_fused_step` applies."""
+    return "e" not in acc and opts.optimizer in ("gd", "momentum")
+
+
+def _fused_step(
+    acc: State,
+    w: Weights,
+    keys: torch.Tensor,
+    cache: list[torch.Tensor | None],
+    y: torch.Tensor,
+    key_ctx: torch.Tensor | None,
+    targets: torch.Tensor,
+    opts: _Options,
+) -> tuple[Weights, State]:
+    """:func:`_accumulate` then :func:`apply_update` (gd or momentum) for a whole chunk in one
+    segment, without materializing ``G`` or ``Ĝ``: the per-sequence rate ``r = η / (1 + E)``
+    (``η`` for the plain step) scales the per-pair factors (``[B, n, ·]``) before the sum over
+    pairs, and the sum joins the weights in one ``baddbmm``:
+
+        gd        θ ← θ + (−r da)ᵀ keys   (w1; w3 with db; w2: (−r δ)ᵀ u)  =  θ − r G
+        momentum  S ← μ S + (−r da)ᵀ keys,  θ ← θ + S
+
+    Equal to the unfused pair to float rounding (the same sums, the scale applied first)."""
+    terms = _error_terms(w, keys, cache, y, key_ctx, targets, opts)
+    rate = opts.lr if opts.step == "plain" else opts.lr / (1.0 + terms.sens)
+    neg = -rate if opts.step == "plain" else (-rate).view(-1, 1, 1)  # [B, 1, 1] over [B, n, ·]
+    factors = {"w1": (terms.da, terms.keys), "w2": (terms.delta, terms.u)}
+    if terms.db is not None:
+        factors["w3"] = (terms.db, terms.keys)
+    new_w: Weights = {}
+    new_acc: State = {}
+    for name in names_of(w):
+        S = acc.get(f"s.{name}") if opts.optimizer == "momentum" else None
+        # What the step adds to: θ (gd), μ S (momentum), nothing (momentum without S yet).
+        base = w[name] if opts.optimizer == "gd" else (None if S is None else opts.momentum * S)
+        if name[0] == "b":  # a bias: the sum over pairs of its map's factor
+            step = (neg * factors["w" + name[1]][0]).sum(-2)
+            new = step if base is None else base + step
+        else:
+            left, right = factors[name]
+            step = (neg * left).mT
+            new = torch.bmm(step, right) if base is None else torch.baddbmm(base, step, right)
+        if opts.optimizer == "momentum":
+            new_acc[f"s.{name}"] = new
+            new = w[name] + new
+        new_w[name] = new
+    return new_w, new_acc
+
+
+def _accumulate(
+    acc: State,
+    w: Weights,
+    keys: torch.Tensor,
+    cache: list[torch.Tensor | None],
+    y: torch.Tensor,
+    key_ctx: torch.Tensor | None,
+    targets: torch.Tensor,
+    opts: _Options,
+) -> State:
+    """Add the error terms of ``n`` pairs (keys ``[B, n, d]`` with their forward at ``θ_c``):
+    manual backprop through the block, each sum over the pairs one batched matmul."""
+    terms = _error_terms(w, keys, cache, y, key_ctx, targets, opts)
+    w, keys, u, delta, da, db, sens = terms
     grads = {"w1": da.mT @ keys, "w2": delta.mT @ u}  # Σ_s δ_s u_sᵀ
     if db is not None:
         grads["w3"] = db.mT @ keys
@@ -443,7 +535,6 @@ def _accumulate(
         grads.update(b1=da.sum(-2), b2=delta.sum(-2))
         if db is not None:
             grads["b3"] = db.sum(-2)
-    sens = _sensitivity(w, keys, a, b, u, opts.activation).sum(-1)
     out = _add(acc, grads, sens)
     if opts.optimizer == "dgd":
         B, n = keys.shape[:2]

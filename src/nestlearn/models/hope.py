@@ -68,6 +68,9 @@ class CMSFields:
     cms_bias: bool = False  # biases in the level blocks (GPT-2)
     norm: str = "rms"  # every norm of the model: "rms" or "layer" (LayerNorm with bias, GPT-2)
     check_finite: bool = False  # raise naming the first layer/memory/token that went non-finite
+    # backward recomputes each CMS level's chunk chain from its inputs (the teach errors
+    # replayed, not recomputed): one level's activations alive at a time, same gradients
+    cms_recompute: bool = False
 
 
 @dataclass(kw_only=True)
@@ -214,6 +217,7 @@ class HopeLM(LanguageModel):
             bias=config.cms_bias,
             norm=config.norm,
             step=config.cms_step,
+            recompute=config.cms_recompute,
         )
 
     def mixer_outputs(self, mixer: nn.Module) -> list[nn.Linear]:

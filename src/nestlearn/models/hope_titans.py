@@ -54,6 +54,8 @@ class HopeConfig(CMSFields, ModelConfig):
     eta_scale: float = 0.1  # η_t = softplus(M_η(x)) · eta_scale
     detach_inner: bool = False  # stop-gradient through the inner gradients (cheaper)
     mode: str = "chunk"  # "chunk" (training form) or "reference" (token loop, for checks)
+    # backward recomputes the mixer's memories from its input: less memory, one more forward
+    sm_recompute: bool = False
 
 
 @register_model("hope", HopeConfig)
@@ -94,6 +96,7 @@ class HopeModel(HopeLM):
                 eta_scale=config.eta_scale,
                 hidden_mult=config.memory_hidden_mult,
                 eps=config.norm_eps,
+                recompute=config.sm_recompute,
             )
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from exc
