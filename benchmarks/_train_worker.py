@@ -32,7 +32,6 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import nestlearn.models  # noqa: F401  (registers every architecture before the memory baseline)
 from nestlearn.config import load_config
@@ -42,6 +41,7 @@ from nestlearn.train.activation_checkpointing import apply_activation_checkpoint
 from nestlearn.train.compile import maybe_compile
 from nestlearn.train.optim import build_optimizer
 from nestlearn.train.runtime import setup_runtime
+from nestlearn.train.step_cost import random_token_step
 
 
 def _sync(device: torch.device) -> None:
@@ -118,21 +118,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     maybe_compile(model, cfg.train.compile, cfg.train.compile_mode)
-    optimizer = build_optimizer(model, cfg.optim)
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    step = random_token_step(model, build_optimizer(model, cfg.optim), runtime, cfg)
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-
-    def step() -> float:
-        with runtime.autocast():
-            logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
 
     times = []
     for i in range(spec["warmup"] + spec["steps"]):

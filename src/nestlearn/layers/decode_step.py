@@ -21,7 +21,6 @@ an in-place update: its version counter).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -29,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from nestlearn.memory.core.rules import Objective, get_objective
-from nestlearn.memory.mlp.forms import ACTIVATIONS
+from nestlearn.memory.mlp.forms import MLPOptions
 from nestlearn.memory.mlp.segment import mlp_forward, surprise_saving
 
 State = dict[str, torch.Tensor]
@@ -169,23 +167,6 @@ def matrix_token(
     return o.view(B, H, dv), S.view(B, H, dk, dv)
 
 
-class MLPStepOptions(NamedTuple):
-    """What :func:`nestlearn.memory.mlp.segment.surprise_saving` and ``mlp_forward`` read."""
-
-    objective: Objective
-    sigma: Callable[[torch.Tensor], torch.Tensor]
-    sigma_grad: Callable[[torch.Tensor], torch.Tensor]
-    residual: bool
-    chunk_size: int
-
-
-def mlp_step_options(
-    objective: str, activation: str, residual: bool, chunk_size: int
-) -> MLPStepOptions:
-    sigma, sigma_grad = ACTIVATIONS[activation]
-    return MLPStepOptions(get_objective(objective), sigma, sigma_grad, residual, chunk_size)
-
-
 def mlp_token(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -195,7 +176,7 @@ def mlp_token(
     alpha: torch.Tensor | None,
     memory: State,
     depth: int,
-    opts: MLPStepOptions,
+    opts: MLPOptions,
 ) -> tuple[torch.Tensor, State]:
     """:func:`nestlearn.memory.mlp.forms.mlp_memory_step` on checked float32 or float64 inputs
     (``q, k [B, H, Dk]``, ``v [B, H, Dv]``, gates ``[B, H]``, ``memory`` its state): per map,

@@ -47,7 +47,6 @@ from torch import nn
 from nestlearn.layers.decode_step import (
     full_precision_step,
     heads_step,
-    mlp_step_options,
     mlp_token,
     read_out,
     step_plan,
@@ -59,6 +58,7 @@ from nestlearn.memory.mlp.forms import (
     mlp_memory_chunk,
     mlp_memory_reference,
     mlp_memory_step,
+    mlp_options,
 )
 
 MODES = ("chunk", "reference")
@@ -217,7 +217,7 @@ class NeuralMemoryMixer(nn.Module):
         alpha = 1.0 - torch.sigmoid(gates["alpha"])
         memory = {k[len("memory.") :]: t for k, t in state.items() if k.startswith("memory.")}
         if full_precision_step(q, memory["w.0"]):
-            opts = mlp_step_options(self.objective, "silu", self.residual, self.chunk_size)
+            opts = mlp_options(**self._options(), detach_inner=False)
             o, memory = mlp_token(q, k, v, eta, mu, alpha, memory, self.depth, opts)
         else:
             o, memory = mlp_memory_step(

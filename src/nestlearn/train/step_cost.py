@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,31 @@ def step_flops(model: torch.nn.Module, cfg: RunConfig) -> StepCost:
     return StepCost(B, T, float(model.flops_per_token(T)) * B * T)
 
 
+def random_token_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, runtime: Any, cfg: RunConfig
+) -> Callable[[], float]:
+    """A training step on one fixed batch of random tokens (``train.batch_size ×
+    train.seq_len``, ids below ``model.vocab_size``), as the trainer takes it: forward under the
+    run's autocast, float32 cross-entropy, backward, gradient clipping (``optim.grad_clip``),
+    the optimizer step. Each call returns the loss."""
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=runtime.device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> float:
+        with runtime.autocast():
+            logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
 def measure_step_cost(cfg: RunConfig, steps: int = 2, warmup: int = 1) -> StepCost:
     """Build ``cfg``'s model and optimizer on the run's device and time ``steps`` training steps
     after ``warmup`` untimed ones; the median step. ``cfg.model.vocab_size`` must be set."""
@@ -79,21 +106,8 @@ def measure_step_cost(cfg: RunConfig, steps: int = 2, warmup: int = 1) -> StepCo
     device = runtime.device
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    step = random_token_step(model, build_optimizer(model, cfg.optim), runtime, cfg)
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-
-    def step() -> None:
-        with runtime.autocast():
-            logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":

@@ -81,7 +81,9 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-class _Options(NamedTuple):
+class MLPOptions(NamedTuple):
+    """Everything but the tensors: how an MLP memory is written and read (:func:`mlp_options`)."""
+
     objective: Objective
     sigma: Callable[[torch.Tensor], torch.Tensor]
     sigma_grad: Callable[[torch.Tensor], torch.Tensor]
@@ -112,7 +114,7 @@ def mlp_memory_reference(
 
     Arguments as :func:`mlp_memory_chunk`. Slow (``T`` sequential small steps); for tests.
     """
-    opts = _options(objective, activation, residual, chunk_size, detach_inner)
+    opts = mlp_options(objective, activation, residual, chunk_size, detach_inner)
     eta, mu, alpha = _check(
         q, k, v, weights, (eta, mu, alpha), initial_state, "initial_state", opts, step=False
     )
@@ -185,7 +187,7 @@ def mlp_memory_chunk(
         o, state = mlp_memory_chunk(q, k, v, weights, eta=eta, mu=0.9, alpha=0.99,
                                     residual=True, chunk_size=16, output_final_state=True)
     """
-    opts = _options(objective, activation, residual, chunk_size, detach_inner)
+    opts = mlp_options(objective, activation, residual, chunk_size, detach_inner)
     eta, mu, alpha = _check(
         q, k, v, weights, (eta, mu, alpha), initial_state, "initial_state", opts, step=False
     )
@@ -229,7 +231,7 @@ def _chunk_loop(
     mu: torch.Tensor | None,
     alpha: torch.Tensor | None,
     sizes: list[int],
-    opts: _Options,
+    opts: MLPOptions,
 ) -> tuple[torch.Tensor, Weights, Weights, Weights, int]:
     """The chunk form segment by segment, each differentiated by autograd
     (:func:`_segment_autograd`): the formulation the hand-written backward is tested against."""
@@ -268,7 +270,7 @@ def mlp_memory_step(
     """One token: ``q, k [B, H, Dk]``, ``v [B, H, Dv]``, gates ``[B, H]`` -> ``o [B, H, Dv]``
     and the new state (``state=None``: start from ``weights``). Other arguments as
     :func:`mlp_memory_chunk`; ``chunk_size`` must be the one the state was built with."""
-    opts = _options(objective, activation, residual, chunk_size, detach_inner)
+    opts = mlp_options(objective, activation, residual, chunk_size, detach_inner)
     eta, mu, alpha = _check(q, k, v, weights, (eta, mu, alpha), state, "state", opts, step=True)
     state = state if state is not None else init_mlp_memory_state(weights, len(q))
     w, s, wc, pos = _unpack(state, len(weights))
@@ -320,7 +322,7 @@ def _token(
     eta: torch.Tensor,
     mu: torch.Tensor | None,
     alpha: torch.Tensor | None,
-    opts: _Options,
+    opts: MLPOptions,
 ) -> tuple[torch.Tensor, Weights, Weights, Weights, int]:
     """S-1 for one token, literally. ``N`` = batch × heads: ``q, k [N, Dk]``, ``v [N, Dv]``,
     weights and momenta ``[N, out, in]``, gates ``[N]``."""
@@ -351,7 +353,7 @@ def _segment_autograd(
     eta: torch.Tensor,
     mu: torch.Tensor | None,
     alpha: torch.Tensor | None,
-    opts: _Options,
+    opts: MLPOptions,
 ) -> tuple[torch.Tensor, Weights, Weights]:
     """``n`` tokens that take their gradients at ``wc``, written from weights ``w`` and momentum
     ``s``: ``o [N, n, Dv]`` and the weights and momentum ``[N, out, in]`` after the last of them,
@@ -391,9 +393,10 @@ def _pack(w: Weights, s: Weights, wc: Weights, pos: int, heads: int) -> State:
     return state
 
 
-def _options(
+def mlp_options(
     objective: str | Objective, activation: str, residual: bool, chunk_size: int, detach_inner: bool
-) -> _Options:
+) -> MLPOptions:
+    """The checked :class:`MLPOptions` of the forms' keyword arguments."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
     if activation not in ACTIVATIONS:
@@ -403,7 +406,7 @@ def _options(
     except ConfigError as exc:
         raise ValueError(f"objective: {exc}") from exc
     sigma, sigma_grad = ACTIVATIONS[activation]
-    return _Options(inner, sigma, sigma_grad, bool(residual), chunk_size, bool(detach_inner))
+    return MLPOptions(inner, sigma, sigma_grad, bool(residual), chunk_size, bool(detach_inner))
 
 
 def _check(
@@ -414,7 +417,7 @@ def _check(
     gates: tuple[Gate, Gate | None, Gate | None],
     state: State | None,
     state_name: str,
-    opts: _Options,
+    opts: MLPOptions,
     *,
     step: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
